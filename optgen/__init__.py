@@ -1,0 +1,18 @@
+"""optgen: a compiler for deep-learning optimizers (YAML spec → plan → kernels → torch.optim)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from optgen.codegen.source import SpecError  # noqa: E402
+from optgen.runtime.loader import build, load  # noqa: E402
+
+__all__ = ["SpecError", "build", "load", "optim", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "optim":
+        from optgen import optim
+
+        return optim
+    raise AttributeError(f"module 'optgen' has no attribute '{name}'")

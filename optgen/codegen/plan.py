@@ -1,0 +1,215 @@
+"""Plan: a validated spec → host scalars + stages, with common subexpressions shared.
+
+1. Host hoisting: every subexpression that depends only on hyperparameters and the step (bias
+   corrections, ``lr * weight_decay``) is pulled out of the element-wise work and computed once per
+   parameter per step.
+2. Stages: the program is cut at reductions.  ``map`` stages are element-wise (they may read
+   rows/cols/scalar values, which broadcast); ``reduce`` stages produce rows/cols/scalar values.
+   ``matrix`` stages (whitening) arrive with the matrix primitives; backends dispatch on
+   ``Stage.op`` so adding one does not disturb the others.
+3. CSE (sympy.cse) per stage and over the host scalars.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import sympy
+
+from optgen.codegen import expr as E
+from optgen.codegen.expr import Kind
+from optgen.codegen.spec import Spec
+
+
+@dataclass(frozen=True)
+class Let:
+    """``symbol = expr`` inside the host block or a stage."""
+
+    symbol: sympy.Symbol
+    expr: sympy.Expr
+    kind: Kind
+    comment: str = ""
+
+
+@dataclass
+class Stage:
+    op: str  # "map" | "reduce"
+    index: int
+    lets: list[Let]
+    inputs: list[sympy.Symbol] = field(default_factory=list)  # read from outside the stage
+    outputs: list[sympy.Symbol] = field(default_factory=list)  # needed after the stage
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}_{self.index}"
+
+    @property
+    def kind(self) -> Kind:
+        return E.join_kinds(*(let.kind for let in self.lets))
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    hyper_inputs: list[str]  # hyperparameter names the program reads (unpacked names)
+    host: list[Let]  # in order; reads hyper_inputs and step
+    stages: list[Stage]
+    outputs: dict[str, sympy.Symbol]  # "param" / state name -> symbol with the new value
+    kinds: dict[sympy.Symbol, Kind]
+
+    @property
+    def host_symbols(self) -> list[sympy.Symbol]:
+        return [let.symbol for let in self.host]
+
+    def render(self) -> str:
+        return render_plan(self)
+
+
+def make_plan(spec: Spec) -> Plan:
+    return _Planner(spec).run()
+
+
+class _Planner:
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.kinds = dict(spec.kinds)
+        taken = {str(s) for s in self.kinds}
+        self.host_names = (sympy.Symbol(f"h{i}") for i in itertools.count() if f"h{i}" not in taken)
+        self.temp_names = (sympy.Symbol(f"t{i}") for i in itertools.count() if f"t{i}" not in taken)
+        self.reduce_names = (sympy.Symbol(f"r{i}") for i in itertools.count() if f"r{i}" not in taken)
+        self.host: list[Let] = []
+        self.hoisted: dict[sympy.Expr, sympy.Symbol] = {}
+
+    def run(self) -> Plan:
+        items: list[Let] = []
+        for assignment in self.spec.program:
+            if assignment.kind is Kind.HOST:
+                self.host.append(Let(assignment.symbol, assignment.expr, Kind.HOST, assignment.text))
+                continue
+            expr = self.hoist(assignment.expr)
+            expr = self.extract_reductions(expr, items)
+            items.append(Let(assignment.symbol, expr, self.kinds[assignment.symbol], assignment.text))
+        stages = self.cut(items)
+        self.host = cse_lets(self.host, self.temp_names, self.kinds)
+        final = set(self.spec.outputs.values())
+        for i, stage in enumerate(stages):
+            later = set().union(*(free_symbols(s.lets) for s in stages[i + 1 :]))
+            defined = [let.symbol for let in stage.lets]
+            stage.inputs = sorted(free_symbols(stage.lets) - set(defined), key=str)
+            stage.outputs = [s for s in defined if s in final or s in later]
+            if stage.op == "map":
+                stage.lets = cse_lets(stage.lets, self.temp_names, self.kinds, keep=set(stage.outputs))
+        hyper_inputs = [
+            n for h in self.spec.hypers for n in h.names if sympy.Symbol(n) in free_symbols(self.host) | _stage_reads(stages)
+        ]
+        return Plan(self.spec, hyper_inputs, self.host, stages, dict(self.spec.outputs), self.kinds)
+
+    # -- hoisting ------------------------------------------------------------------------------
+    def kind(self, expr: sympy.Basic) -> Kind:
+        return E.kind_of(expr, self.kinds)
+
+    def host_symbol(self, expr: sympy.Expr) -> sympy.Symbol:
+        if expr not in self.hoisted:
+            symbol = next(self.host_names)
+            self.kinds[symbol] = Kind.HOST
+            self.hoisted[expr] = symbol
+            self.host.append(Let(symbol, expr, Kind.HOST))
+        return self.hoisted[expr]
+
+    def hoist(self, expr: sympy.Basic) -> sympy.Basic:
+        if not expr.args:
+            return expr
+        if self.kind(expr) is Kind.HOST:
+            return self.host_symbol(expr)
+        if isinstance(expr, (sympy.Add, sympy.Mul)):
+            host = [a for a in expr.args if self.kind(a) is Kind.HOST]
+            rest = [self.hoist(a) for a in expr.args if self.kind(a) is not Kind.HOST]
+            if len(host) > 1 or (host and host[0].args):
+                host = [self.host_symbol(expr.func(*host))]
+            return expr.func(*host, *rest)
+        if isinstance(expr, sympy.Function) and expr.func in E.REDUCTIONS.values():
+            return expr.func(self.hoist(expr.args[0]), expr.args[1])
+        return expr.func(*(self.hoist(a) for a in expr.args))
+
+    # -- stages --------------------------------------------------------------------------------
+    def extract_reductions(self, expr: sympy.Basic, items: list[Let]) -> sympy.Basic:
+        if isinstance(expr, sympy.Function) and expr.func in E.REDUCTIONS.values():
+            operand = self.extract_reductions(expr.args[0], items)
+            symbol = next(self.reduce_names)
+            self.kinds[symbol] = self.kind(expr)
+            items.append(Let(symbol, expr.func(operand, expr.args[1]), self.kinds[symbol], "reduce"))
+            return symbol
+        if not expr.args:
+            return expr
+        return expr.func(*(self.extract_reductions(a, items) for a in expr.args))
+
+    def cut(self, items: list[Let]) -> list[Stage]:
+        stages: list[Stage] = []
+        for let in items:
+            op = "reduce" if let.comment == "reduce" else "map"
+            if stages and stages[-1].op == op == "map":
+                stages[-1].lets.append(let)
+            else:
+                stages.append(Stage(op, len(stages), [let]))
+        return stages
+
+
+def free_symbols(lets: list[Let]) -> set[sympy.Symbol]:
+    symbols: set[sympy.Symbol] = set()
+    for let in lets:
+        symbols |= {s for s in let.expr.free_symbols if isinstance(s, sympy.Symbol)}
+    return symbols
+
+
+def _stage_reads(stages: list[Stage]) -> set[sympy.Symbol]:
+    return set().union(*(set(stage.inputs) for stage in stages)) if stages else set()
+
+
+def cse_lets(lets: list[Let], names, kinds: dict, keep: set | None = None) -> list[Let]:
+    """Share common subexpressions, emitting each shared value just before its first use."""
+    if not lets:
+        return lets
+    replacements, reduced = sympy.cse([let.expr for let in lets], symbols=names, optimizations=None)
+    for symbol, value in replacements:
+        kinds[symbol] = E.kind_of(value, kinds)
+    pending = dict(replacements)
+    out: list[Let] = []
+
+    def emit_needed(expr: sympy.Basic) -> None:
+        for symbol in sorted(expr.free_symbols, key=str):
+            if symbol in pending:
+                value = pending.pop(symbol)
+                emit_needed(value)
+                out.append(Let(symbol, value, kinds[symbol]))
+
+    for let, expr in zip(lets, reduced):
+        emit_needed(expr)
+        out.append(Let(let.symbol, expr, let.kind, let.comment))
+    return out
+
+
+
+def render_plan(plan: Plan) -> str:
+    from optgen.codegen.printer import TextPrinter
+
+    text = TextPrinter()
+    spec = plan.spec
+    lines = [f"plan for {spec.class_name} ({spec.path}, sha256 {spec.sha256[:12]})"]
+    lines.append("  state: " + (", ".join(f"{s.name} [{s.kind}, {s.store.dtype}]" for s in spec.state) or "none"))
+    lines.append("  hyper read: " + (", ".join(plan.hyper_inputs) or "none") + "; step")
+    lines.append("  host (once per parameter per step):")
+    for let in plan.host:
+        lines.append(f"    {let.symbol} = {text.doprint(let.expr)}" + (f"    # {let.comment}" if let.comment else ""))
+    for stage in plan.stages:
+        lines.append(
+            f"  stage {stage.name} over {stage.kind}: reads {', '.join(map(str, stage.inputs))}"
+            f" -> writes {', '.join(map(str, stage.outputs))}"
+        )
+        for let in stage.lets:
+            lines.append(f"    {let.symbol} = {text.doprint(let.expr)}    [{let.kind}]")
+    outs = ", ".join(f"{name} <- {symbol}" for name, symbol in plan.outputs.items())
+    lines.append(f"  store: {outs}")
+    if spec.routing:
+        lines.append(f"  applies_to: {spec.routing.condition_text}; otherwise: {spec.routing.otherwise.class_name}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Runtime: generated kernels behind the torch.optim.Optimizer API."""

@@ -1,0 +1,192 @@
+"""GeneratedOptimizer: the torch.optim.Optimizer every generated package subclasses.
+
+A generated class declares its hyperparameters (``hypers``) and one ``Program`` per routed spec
+(the spec itself, then its ``otherwise`` fall-backs); this class does what torch.optim users
+expect — param groups, closures, schedulers, state_dict — and calls the generated kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import chain
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+
+BACKENDS = ("auto", "torch", "inductor")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A constructor keyword: its default and the interval its values must lie in."""
+
+    key: str
+    default: float | bool | tuple[float, ...]
+    interval: tuple[float, float, bool, bool] | None = None
+
+    def check(self, value: Any) -> None:
+        if isinstance(self.default, bool):
+            if not isinstance(value, (bool, int)) and not _is_scalar_tensor(value):
+                raise TypeError(f"{self.key} must be a bool, got {value!r}")
+            return
+        values = value if isinstance(self.default, tuple) else (value,)
+        if isinstance(self.default, tuple) and (not isinstance(value, (tuple, list)) or len(value) != len(self.default)):
+            raise ValueError(f"{self.key} must be a tuple of {len(self.default)} numbers, got {value!r}")
+        for v in values:
+            if _is_scalar_tensor(v):
+                if v.is_floating_point() and torch.isnan(v).any() and not torch.compiler.is_compiling():
+                    raise ValueError(f"Invalid {self.key} value: {value!r}")
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{self.key} must be a number (or a 0-d tensor), got {v!r}")
+            if math.isnan(v) or (self.interval and not _inside(v, self.interval)):
+                raise ValueError(f"Invalid {self.key} value: {value!r} (expected {_show(self.interval)})")
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() == 1
+
+
+def _inside(v: float, interval: tuple[float, float, bool, bool]) -> bool:
+    lo, hi, lo_closed, hi_closed = interval
+    return (v >= lo if lo_closed else v > lo) and (v <= hi if hi_closed else v < hi)
+
+
+def _show(interval) -> str:
+    if interval is None:
+        return "a number"
+    lo, hi, lo_closed, hi_closed = interval
+    return f"a value in {'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+
+
+@dataclass(frozen=True)
+class Program:
+    """One routed spec: which parameters it takes and its kernels per backend."""
+
+    name: str
+    applies_to: Callable[[int, int], bool] | None  # (ndim, numel) -> takes it; None: every parameter
+    hyper_keys: dict[str, str]  # spec hyper name -> param_group key
+    state_keys: dict[str, str]  # spec state name -> state_dict key
+    kernels: dict[str, ModuleType]
+
+    def takes(self, param: torch.Tensor) -> bool:
+        return self.applies_to is None or bool(self.applies_to(param.ndim, param.numel()))
+
+
+class GeneratedOptimizer(torch.optim.Optimizer):
+    hypers: ClassVar[tuple[Hyper, ...]] = ()
+    programs: ClassVar[tuple[Program, ...]] = ()
+    spec_sha256: ClassVar[str] = ""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        self.backend = backend
+        self._compiled: dict[str, Callable] = {}
+        super().__init__(params, defaults)
+
+    # -- torch.optim API -------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        known = {h.key for h in self.hypers} | {"params"}
+        for key in param_group:
+            if key not in known and key not in self.defaults:
+                raise TypeError(f"{type(self).__name__} has no hyperparameter '{key}' (known: {', '.join(sorted(known))})")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for hyper in self.hypers:
+            hyper.check(group[hyper.key])
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(f"{type(self).__name__} does not support complex parameters")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            tensors: dict[str, Any] = {}
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                program = self._program_for(param)
+                hyper = tensors.get(program.name)
+                if hyper is None:
+                    hyper = tensors[program.name] = self._hyper_tensors(group, program)
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state.update(program.kernels["torch"].init_state(param, hyper))
+                state["step"] += 1
+                self._kernel(program, param)(param, grad, state, hyper)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts floating state to the parameter's dtype; ours has the dtype its spec stores,
+        # so keep the saved tensors' own dtype (and exact values) and only move them to the device.
+        saved = state_dict["state"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        super().load_state_dict(state_dict)
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for saved_id, param in zip(saved_ids, params):
+            if saved_id not in saved:
+                continue
+            program = self._program_for(param)
+            state = self.state[param]
+            missing = [k for k in program.state_keys.values() if k not in saved[saved_id]]
+            if missing:
+                raise KeyError(f"state_dict has no {', '.join(missing)} for a parameter of shape {tuple(param.shape)}")
+            for key, value in saved[saved_id].items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.detach().to(device=param.device, copy=True)
+            if not isinstance(state.get("step"), torch.Tensor):
+                state["step"] = torch.tensor(float(state.get("step", 0)), dtype=torch.float32)
+            else:
+                state["step"] = state["step"].to(dtype=torch.float32, device="cpu")
+            for key, dtype in program.kernels["torch"].STATE_DTYPES.items():
+                state[key] = state[key].to(dtype)
+
+    def state_bytes(self) -> int:
+        """Bytes of tensor memory held in optimizer state (every state tensor, step counters too)."""
+        return sum(
+            value.numel() * value.element_size()
+            for state in self.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor)
+        )
+
+    # -- internals -------------------------------------------------------------------------------
+    def _program_for(self, param: torch.Tensor) -> Program:
+        for program in self.programs:
+            if program.takes(param):
+                return program
+        return self.programs[-1]
+
+    @staticmethod
+    def _hyper_tensors(group: dict[str, Any], program: Program) -> dict[str, Any]:
+        """The group's hyperparameters as 0-d tensors (float64; bool for flags) for the kernels."""
+        out: dict[str, Any] = {}
+        for name, key in program.hyper_keys.items():
+            value = group[key]
+            if isinstance(value, (tuple, list)):
+                out[name] = tuple(torch.as_tensor(v, dtype=torch.float64) for v in value)
+            elif isinstance(value, bool):
+                out[name] = torch.tensor(value)
+            else:
+                out[name] = torch.as_tensor(value, dtype=torch.float64)
+        return out
+
+    def _kernel(self, program: Program, param: torch.Tensor) -> Callable:
+        backend = "torch" if self.backend == "auto" else self.backend
+        if backend == "torch":
+            return program.kernels["torch"].update
+        if program.name not in self._compiled:
+            self._compiled[program.name] = torch.compile(program.kernels["torch"].update, backend="inductor")
+        return self._compiled[program.name]
