@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -18,19 +19,30 @@ def build(spec: str | Path, out_dir: str | Path) -> Path:
 
 
 def load(spec: str | Path, backend: str = "auto") -> type:
-    """The optimizer class generated from ``spec`` (a path, or a built-in name such as "adamw").
+    """The optimizer class generated from ``spec``: a spec file, a built-in name such as "adamw",
+    or a package folder written by ``optgen build``.
 
     ``backend`` becomes the class's default backend; the constructor's ``backend=`` overrides it.
     """
-    parsed = load_spec(spec)
-    key = _build.cache_key(parsed)
-    if key not in _loaded:
-        package = _build.cached_build(parsed)
-        _loaded[key] = getattr(import_package(package, f"optgen_generated_{parsed.name}_{key}"), parsed.class_name)
-    cls = _loaded[key]
+    if (Path(spec) / "manifest.json").is_file():
+        cls = _load_package(Path(spec))
+    else:
+        parsed = load_spec(spec)
+        key = _build.cache_key(parsed)
+        if key not in _loaded:
+            package = _build.cached_build(parsed)
+            module = import_package(package, f"optgen_generated_{parsed.name}_{key}")
+            _loaded[key] = getattr(module, parsed.class_name)
+        cls = _loaded[key]
     if backend == "auto":
         return cls
     return type(cls.__name__, (cls,), {"__init__": _with_backend(cls.__init__, backend), "__module__": cls.__module__})
+
+
+def _load_package(path: Path) -> type:
+    manifest = json.loads((path / "manifest.json").read_text())
+    key = f"optgen_built_{manifest['name']}_{manifest['spec_sha256'][:16]}_{manifest['generator'][:8]}"
+    return getattr(import_package(path, key), manifest["class"])
 
 
 def _with_backend(init, backend: str):

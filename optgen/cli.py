@@ -1,0 +1,99 @@
+"""`optgen build | check | list | show` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from optgen.codegen.source import SpecError
+
+EXIT_SPEC_ERROR = 2
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from optgen.codegen.plan import make_plan
+    from optgen.codegen.spec import load_spec
+
+    for path in args.specs:
+        spec = load_spec(path)
+        for sub in spec.all_specs():
+            make_plan(sub)
+        print(f"{path}: ok ({spec.class_name})")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from optgen.codegen.build import build
+
+    for path in args.specs:
+        package = build(path, args.output)
+        print(f"{path} -> {package}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from optgen.codegen.spec import builtin_specs, load_spec
+
+    rows = []
+    for name, path in builtin_specs().items():
+        spec = load_spec(path)
+        rows.append((name, spec.class_name, f"{spec.state_bytes_per_element():g}", spec.summary.splitlines()[0]))
+    header = ("name", "class", "state B/param", "summary")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from optgen.codegen.build import header
+    from optgen.codegen.emit_torch import emit_torch
+    from optgen.codegen.plan import make_plan
+    from optgen.codegen.spec import load_spec
+
+    spec = load_spec(args.spec)
+    for sub in spec.all_specs():
+        plan = make_plan(sub)
+        print(emit_torch(plan, header(sub)) if args.torch else plan.render())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="optgen", description="A compiler for deep-learning optimizers.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="generate a package per spec", description="Generate DIR/<name>/ per spec.")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="spec file or built-in name (see `optgen list`)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(run=_cmd_build)
+
+    p = sub.add_parser("check", help="validate specs", description="Validate specs; exit 2 on the first error.")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.set_defaults(run=_cmd_check)
+
+    p = sub.add_parser("list", help="list built-in specs", description="Built-in specs, state bytes per param.")
+    p.set_defaults(run=_cmd_list)
+
+    p = sub.add_parser("show", help="print a spec's plan or generated code", description="Print the plan (default).")
+    p.add_argument("spec", metavar="SPEC")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--plan", action="store_true", help="the plan: host scalars, stages (default)")
+    what.add_argument("--torch", action="store_true", help="the generated torch kernels")
+    p.set_defaults(run=_cmd_show)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SpecError as err:
+        print(f"optgen: error: {err}", file=sys.stderr)
+        return EXIT_SPEC_ERROR
+    except BrokenPipeError:  # `optgen show ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
