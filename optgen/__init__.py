@@ -12,7 +12,7 @@ __all__ = ["SpecError", "build", "load", "optim", "__version__"]
 
 def __getattr__(name: str):
     if name == "optim":
-        from optgen import optim
+        import importlib
 
-        return optim
+        return importlib.import_module("optgen.optim")
     raise AttributeError(f"module 'optgen' has no attribute '{name}'")

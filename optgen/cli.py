@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from optgen.codegen.source import SpecError
 
@@ -38,7 +37,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for name, path in builtin_specs().items():
         spec = load_spec(path)
-        rows.append((name, spec.class_name, f"{spec.state_bytes_per_element():g}", spec.summary.splitlines()[0]))
+        rows.append((name, spec.class_name, f"{spec.state_bytes_per_element():.2f}", spec.summary.splitlines()[0]))
     header = ("name", "class", "state B/param", "summary")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     for row in [header, *rows]:
@@ -59,7 +58,42 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from optgen.codegen.spec import load_spec
+    from optgen.memory import MODELS, model_shapes, parse_shapes, state_memory  # noqa: F811
+
+    if args.model:
+        if args.model not in MODELS:
+            print(f"optgen: error: unknown model {args.model!r} (known: {', '.join(MODELS)})", file=sys.stderr)
+            return EXIT_SPEC_ERROR
+        shapes, label = model_shapes(args.model), args.model
+    elif args.shapes:
+        try:
+            shapes, label = parse_shapes(args.shapes), args.shapes
+        except ValueError as err:
+            print(f"optgen: error: {err}", file=sys.stderr)
+            return EXIT_SPEC_ERROR
+    else:
+        shapes, label = [(args.params,)], f"one tensor of {args.params} elements"
+    print(f"{'spec':16s} {'params':>14s} {'state':>12s} {'bytes/param':>12s}   ({label})")
+    for path in args.specs:
+        spec = load_spec(path)
+        m = state_memory(spec, shapes)
+        print(f"{spec.name:16s} {m['params']:14,d} {_human(m['state_bytes']):>12s} {m['bytes_per_param']:12.3f}")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
 def parser() -> argparse.ArgumentParser:
+    from optgen.memory import MODELS
+
     top = argparse.ArgumentParser(prog="optgen", description="A compiler for deep-learning optimizers.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -74,6 +108,16 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list built-in specs", description="Built-in specs, state bytes per param.")
     p.set_defaults(run=_cmd_list)
+
+    p = sub.add_parser(
+        "memory", help="predicted optimizer-state memory", description="Predicted optimizer-state bytes per spec."
+    )
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--params", type=int, default=16_777_216, help="one tensor of N elements (default 4096^2)")
+    shape.add_argument("--shapes", help="parameter shapes, e.g. 4096x4096,11008x4096,4096")
+    shape.add_argument("--model", help="a LLaMA-shaped config: " + ", ".join(MODELS))
+    p.set_defaults(run=_cmd_memory)
 
     p = sub.add_parser("show", help="print a spec's plan or generated code", description="Print the plan (default).")
     p.add_argument("spec", metavar="SPEC")

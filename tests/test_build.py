@@ -107,3 +107,16 @@ def test_eight_processes_build_one_cache_entry():
     assert [e.name for e in entries] == [package.parent.name]  # one entry, no temporaries left behind
     assert json.loads((package / "manifest.json").read_text())["class"] == "AdamW"
     assert optgen.load("adamw").__name__ == "AdamW"
+
+
+def _build_into(out):
+    return str(optgen.build("adamw", out))
+
+
+@pytest.mark.slow
+def test_concurrent_builds_into_one_output_folder(tmp_path):
+    with mp.get_context("spawn").Pool(6) as pool:
+        paths = pool.map(_build_into, [str(tmp_path)] * 6)
+    assert set(paths) == {str(tmp_path / "adamw")}
+    assert [p.name for p in tmp_path.iterdir()] == ["adamw"]
+    assert json.loads((tmp_path / "adamw" / "manifest.json").read_text())["class"] == "AdamW"

@@ -52,7 +52,9 @@ def test_reductions_cut_stages():
 
 
 def test_cse_shares_repeated_subexpressions_once():
-    plan = plan_of("  - m = m + (grad * param + 1) ** 2\n  - r = beta2 * r\n  - param = param - lr * (grad * param + 1)")
+    plan = plan_of(
+        "  - m = m + (grad * param + 1) ** 2\n  - r = beta2 * r\n  - param = param - lr * (grad * param + 1)"
+    )
     texts = [TextPrinter().doprint(let.expr) for let in plan.stages[0].lets]
     assert sum("grad * param" in t for t in texts) == 1
 

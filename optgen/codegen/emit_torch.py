@@ -22,6 +22,7 @@ def emit_torch(plan: Plan, header: str) -> str:
     spec = plan.spec
     state_by_symbol = {sympy.Symbol(s.name): s for s in spec.state}
 
+    quantized = {s.name for s in spec.state if s.store.quant}
     init_state = []
     for s in spec.state:
         dtype = _DTYPES[s.store.dtype]
@@ -29,10 +30,10 @@ def emit_torch(plan: Plan, header: str) -> str:
             empty = f"torch.zeros_like(param, dtype={dtype}, memory_format=torch.preserve_format)"
         else:
             empty = f"param.new_zeros({_SHAPE[s.kind]}, dtype={dtype})"
-        if s.init == 0:
-            init_state.append((s.saved_as, empty))
-        else:
-            init_state.append((s.saved_as, f"{empty}.copy_({printer.doprint(s.init)})"))
+        value = empty if s.init == 0 else f"{empty}.copy_({printer.doprint(s.init)})"
+        if s.name in quantized:
+            value = f'quantized_or_float({value}, SCHEMES["{s.saved_as}"], {spec.keep_full_precision})'
+        init_state.append((s.saved_as, value))
     init_reads = set().union(*(s.init.free_symbols for s in spec.state)) if spec.state else set()
     init_lines = _unpack_lines(plan, {str(x) for x in init_reads}, include_all=False)
     if sympy.Symbol("param") in init_reads:
@@ -40,7 +41,8 @@ def emit_torch(plan: Plan, header: str) -> str:
 
     def load(symbol: sympy.Symbol) -> str:
         if symbol in state_by_symbol:
-            return f'state["{state_by_symbol[symbol].saved_as}"].float()'
+            key = state_by_symbol[symbol].saved_as
+            return f'load(state["{key}"])' if str(symbol) in quantized else f'state["{key}"].float()'
         if str(symbol) in ("param", "grad"):
             return f"{symbol}.float()"
         return str(symbol)
@@ -51,6 +53,8 @@ def emit_torch(plan: Plan, header: str) -> str:
 
     stages, calls = [], []
     for stage in plan.stages:
+        if stage.op == "stats":  # torch materializes the new value; store() reduces its maxima
+            continue
         body = [f"{let.symbol} = {printer.doprint(let.expr)}" for let in stage.lets]
         doc = [let.comment for let in stage.lets if let.comment and let.comment != "reduce"]
         stages.append(
@@ -72,6 +76,9 @@ def emit_torch(plan: Plan, header: str) -> str:
 
     stores = []
     for name, symbol in plan.outputs.items():
+        if name in quantized:
+            stores.append(f'store(state["{next(s.saved_as for s in spec.state if s.name == name)}"], {symbol})')
+            continue
         target = "param" if name == "param" else f'state["{next(s.saved_as for s in spec.state if s.name == name)}"]'
         stores.append(f"{target}.copy_({symbol})")
 
@@ -84,6 +91,7 @@ def emit_torch(plan: Plan, header: str) -> str:
         init_lines=init_lines,
         init_state=init_state,
         state_dtypes=[(s.saved_as, _DTYPES[s.store.dtype]) for s in spec.state],
+        schemes=[(s.saved_as, _scheme_literal(s.store.quant)) for s in spec.state if s.store.quant],
         unpack_lines=_unpack_lines(plan, reads, include_all=False),
         host_lines=[
             f"{let.symbol} = {printer.doprint(let.expr)}" + (f"  # {let.comment}" if let.comment else "")
@@ -103,3 +111,10 @@ def _unpack_lines(plan: Plan, reads: set[str], include_all: bool) -> list[str]:
             target = ", ".join(h.names) if h.is_tuple else h.name
             lines.append(f'{target} = hyper["{h.name}"]')
     return lines
+
+
+def _scheme_literal(scheme) -> str:
+    return (
+        f"QuantScheme(bits={scheme.bits}, signed={scheme.signed}, normalize={scheme.normalize!r}, "
+        f"table={scheme.table!r}, block={scheme.block})"
+    )

@@ -12,6 +12,7 @@ import ast
 import difflib
 import enum
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -121,14 +122,33 @@ def _check_text(text: str, where: Location) -> None:
 
 def _parse(text: str, mode: str, where: Location) -> ast.AST:
     _check_text(text, where)
+    source = text.strip()
+    lines = re.split(r"\r\n|\r|\n", source)  # Python's line breaks
+    starts = [len(text) - len(text.lstrip())]  # offset in text of each line of source
+    for line, brk in zip(lines, re.findall(r"\r\n|\r|\n", source), strict=False):
+        starts.append(starts[-1] + len(line) + len(brk))
+
+    def offset(lineno: int | None, column: int) -> int:  # (line in source, character) -> offset in text
+        index = (lineno or 1) - 1
+        return starts[min(max(index, 0), len(starts) - 1)] + max(column, 0)
+
     try:
-        tree = ast.parse(text.strip(), mode=mode)
+        tree = ast.parse(source, mode=mode)
     except SyntaxError as err:
-        col = (err.offset or 1) - 1
-        raise SpecError(f"syntax error: {err.msg}", where.shifted(col)) from None
-    except (RecursionError, MemoryError, ValueError):
+        raise SpecError(f"syntax error: {err.msg}", where.shifted(offset(err.lineno, (err.offset or 1) - 1))) from None
+    except (RecursionError, MemoryError):
         raise SpecError("expression is too deeply nested", where) from None
+    except ValueError as err:  # e.g. a NUL character
+        raise SpecError(f"invalid expression: {err}", where) from None
     _check_depth(tree, where)
+    # Make every col_offset the character offset of the node in ``text`` (ast counts UTF-8 bytes
+    # from the start of its line), so ``where.shifted(node.col_offset)`` finds it in the file.
+    for node in ast.walk(tree):
+        if isinstance(getattr(node, "col_offset", None), int) and isinstance(getattr(node, "lineno", None), int):
+            index = node.lineno - 1
+            line = lines[index] if 0 <= index < len(lines) else ""
+            node.col_offset = offset(node.lineno, len(line.encode()[: node.col_offset].decode(errors="ignore")))
+            node.lineno = 1
     return tree
 
 
@@ -242,11 +262,12 @@ class Builder:
             raise self.fail(node, f"the operator {op.__name__} is not allowed", "allowed: + - * / **")
         if left.is_Number and right.is_Number:  # fold in float64 so sympy never evaluates a huge constant
             a, b = float(left), float(right)
+            # (checked outside the try: SpecError is a ValueError, which the try turns into "overflows")
+            if op is ast.Div and b == 0:
+                raise self.fail(node, "division by zero")
+            if op is ast.Pow and abs(b) > MAX_CONSTANT_EXPONENT:
+                raise self.fail(node, f"constant exponent {b:g} is out of range (|e| <= {MAX_CONSTANT_EXPONENT})")
             try:
-                if op is ast.Div and b == 0:
-                    raise self.fail(node, "division by zero")
-                if op is ast.Pow and abs(b) > MAX_CONSTANT_EXPONENT:
-                    raise self.fail(node, f"constant exponent {b:g} is out of range (|e| <= {MAX_CONSTANT_EXPONENT})")
                 folded = {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}.get(op)
                 if folded is None:
                     folded = a / b if op is ast.Div else math.pow(a, b)
@@ -264,7 +285,9 @@ class Builder:
                 raise self.fail(node, "division by zero")
             return left / right, kind
         if right.is_Number and abs(float(right)) > MAX_CONSTANT_EXPONENT:
-            raise self.fail(node, f"constant exponent {float(right):g} is out of range (|e| <= {MAX_CONSTANT_EXPONENT})")
+            raise self.fail(
+                node, f"constant exponent {float(right):g} is out of range (|e| <= {MAX_CONSTANT_EXPONENT})"
+            )
         return sympy.Pow(left, right), kind
 
     def condition(self, node: ast.AST) -> tuple[sympy.Basic, Kind]:
@@ -288,7 +311,9 @@ class Builder:
                 ast.NotEq: sympy.Ne,
             }.get(type(node.ops[0]))
             if relation is None:
-                raise self.fail(node, f"the comparison {type(node.ops[0]).__name__} is not allowed", "use < <= > >= == !=")
+                raise self.fail(
+                    node, f"the comparison {type(node.ops[0]).__name__} is not allowed", "use < <= > >= == !="
+                )
             return relation(left, right), join_kinds(lkind, rkind)
         if isinstance(node, ast.BoolOp):
             parts = [self.condition(value) for value in node.values]

@@ -34,11 +34,12 @@ class Let:
 
 @dataclass
 class Stage:
-    op: str  # "map" | "reduce"
+    op: str  # "map" | "reduce" | "stats" (recompute a value for its quantization maxima)
     index: int
     lets: list[Let]
     inputs: list[sympy.Symbol] = field(default_factory=list)  # read from outside the stage
     outputs: list[sympy.Symbol] = field(default_factory=list)  # needed after the stage
+    note: str = ""  # what a stats stage reduces
 
     @property
     def name(self) -> str:
@@ -57,6 +58,12 @@ class Plan:
     stages: list[Stage]
     outputs: dict[str, sympy.Symbol]  # "param" / state name -> symbol with the new value
     kinds: dict[sympy.Symbol, Kind]
+
+    @property
+    def min_ndim(self) -> int:
+        """Fewest dims a parameter needs: cols values need a matrix, rows values a vector."""
+        kinds = set(self.kinds.values()) | {s.kind for s in self.spec.state}
+        return 2 if Kind.COLS in kinds else 1 if Kind.ROWS in kinds else 0
 
     @property
     def host_symbols(self) -> list[sympy.Symbol]:
@@ -83,7 +90,7 @@ class _Planner:
 
     def run(self) -> Plan:
         items: list[Let] = []
-        for assignment in self.spec.program:
+        for assignment in live_assignments(self.spec):
             if assignment.kind is Kind.HOST:
                 self.host.append(Let(assignment.symbol, assignment.expr, Kind.HOST, assignment.text))
                 continue
@@ -100,10 +107,35 @@ class _Planner:
             stage.outputs = [s for s in defined if s in final or s in later]
             if stage.op == "map":
                 stage.lets = cse_lets(stage.lets, self.temp_names, self.kinds, keep=set(stage.outputs))
+        stages = self.add_stats_stages(stages)
         hyper_inputs = [
-            n for h in self.spec.hypers for n in h.names if sympy.Symbol(n) in free_symbols(self.host) | _stage_reads(stages)
+            n
+            for h in self.spec.hypers
+            for n in h.names
+            if sympy.Symbol(n) in free_symbols(self.host) | _stage_reads(stages)
         ]
         return Plan(self.spec, hyper_inputs, self.host, stages, dict(self.spec.outputs), self.kinds)
+
+    def add_stats_stages(self, stages: list[Stage]) -> list[Stage]:
+        """Rank-1 / per-tensor quantized stores need the new tensor's maxima before any code is
+        written: a stats stage recomputes the value (without storing it) and reduces its maxima;
+        the write stage then quantizes with them.  Block-wise stores fit in the write stage."""
+        out: list[Stage] = []
+        for stage in stages:
+            for state in self.spec.state:
+                symbol = self.spec.outputs.get(state.name)
+                quant = state.store.quant
+                if stage.op == "map" and quant and quant.normalize != "block" and symbol in stage.outputs:
+                    lets = needed_lets(stage.lets, symbol)
+                    defined = {let.symbol for let in lets}
+                    inputs = sorted(free_symbols(lets) - defined, key=str)
+                    out.append(
+                        Stage("stats", 0, lets, inputs, [symbol], note=f"{quant.normalize} maxima of {state.name}")
+                    )
+            out.append(stage)
+        for index, stage in enumerate(out):
+            stage.index = index
+        return out
 
     # -- hoisting ------------------------------------------------------------------------------
     def kind(self, expr: sympy.Basic) -> Kind:
@@ -155,11 +187,33 @@ class _Planner:
         return stages
 
 
+def live_assignments(spec: Spec) -> list:
+    """The program without assignments no output depends on (an unused temporary costs nothing)."""
+    needed = set(spec.outputs.values())
+    live = []
+    for assignment in reversed(spec.program):
+        if assignment.symbol in needed:
+            live.append(assignment)
+            needed |= assignment.expr.free_symbols
+    return live[::-1]
+
+
 def free_symbols(lets: list[Let]) -> set[sympy.Symbol]:
     symbols: set[sympy.Symbol] = set()
     for let in lets:
         symbols |= {s for s in let.expr.free_symbols if isinstance(s, sympy.Symbol)}
     return symbols
+
+
+def needed_lets(lets: list[Let], symbol: sympy.Symbol) -> list[Let]:
+    """The lets (in order) that computing ``symbol`` needs."""
+    wanted = {symbol}
+    needed = []
+    for let in reversed(lets):
+        if let.symbol in wanted:
+            needed.append(let)
+            wanted |= let.expr.free_symbols
+    return needed[::-1]
 
 
 def _stage_reads(stages: list[Stage]) -> set[sympy.Symbol]:
@@ -189,26 +243,33 @@ def cse_lets(lets: list[Let], names, kinds: dict, keep: set | None = None) -> li
     return out
 
 
-
 def render_plan(plan: Plan) -> str:
     from optgen.codegen.printer import TextPrinter
 
     text = TextPrinter()
     spec = plan.spec
     lines = [f"plan for {spec.class_name} ({spec.path}, sha256 {spec.sha256[:12]})"]
-    lines.append("  state: " + (", ".join(f"{s.name} [{s.kind}, {s.store.dtype}]" for s in spec.state) or "none"))
+    lines.append("  state: " + (", ".join(f"{s.name} [{s.kind}, {s.store.name}]" for s in spec.state) or "none"))
+    quantized = [s for s in spec.state if s.store.quant]
+    if quantized:
+        lines.append(
+            f"  quantized: load = dequantize, store = quantize; tensors <= {spec.keep_full_precision} elements stay float32"
+        )
     lines.append("  hyper read: " + (", ".join(plan.hyper_inputs) or "none") + "; step")
     lines.append("  host (once per parameter per step):")
     for let in plan.host:
         lines.append(f"    {let.symbol} = {text.doprint(let.expr)}" + (f"    # {let.comment}" if let.comment else ""))
     for stage in plan.stages:
-        lines.append(
-            f"  stage {stage.name} over {stage.kind}: reads {', '.join(map(str, stage.inputs))}"
-            f" -> writes {', '.join(map(str, stage.outputs))}"
-        )
+        writes = f"{stage.note} (recomputed, not stored)" if stage.op == "stats" else ", ".join(map(str, stage.outputs))
+        lines.append(f"  stage {stage.name} over {stage.kind}: reads {', '.join(map(str, stage.inputs))} -> {writes}")
         for let in stage.lets:
             lines.append(f"    {let.symbol} = {text.doprint(let.expr)}    [{let.kind}]")
-    outs = ", ".join(f"{name} <- {symbol}" for name, symbol in plan.outputs.items())
+    store_names = {s.name: s.store for s in spec.state}
+    outs = ", ".join(
+        f"{name} <- {symbol}"
+        + (f" (quantize {store_names[name].name})" if name in store_names and store_names[name].quant else "")
+        for name, symbol in plan.outputs.items()
+    )
     lines.append(f"  store: {outs}")
     if spec.routing:
         lines.append(f"  applies_to: {spec.routing.condition_text}; otherwise: {spec.routing.otherwise.class_name}")

@@ -8,7 +8,8 @@ small file cannot expand into a huge one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,17 @@ class Location:
     file: str
     line: int  # 1-based
     column: int  # 1-based
+    # For the start of an expression: the (line, column) of each character of its text, so that
+    # shifted() lands on the right line of a folded (multi-line) or block scalar.
+    chars: tuple[tuple[int, int], ...] | None = field(default=None, compare=False, repr=False)
 
     def shifted(self, columns: int) -> Location:
+        if self.chars:
+            if columns < len(self.chars):
+                line, column = self.chars[max(columns, 0)]
+                return Location(self.file, line, column)
+            line, column = self.chars[-1]
+            return Location(self.file, line, column + columns - len(self.chars) + 1)
         return Location(self.file, self.line, self.column + columns)
 
     def __str__(self) -> str:
@@ -47,6 +57,11 @@ class SpecError(ValueError):
         return self.where.line if self.where else None
 
 
+class SpecWarning(UserWarning):
+    """A valid spec that is likely wrong (e.g. a quantized state with zero in its table that the
+    update divides by — the zero-point problem)."""
+
+
 Path_ = tuple[Any, ...]
 
 
@@ -66,9 +81,67 @@ class Document:
             path = path[:-1]
         return self.locations.get(path, Location(self.file, 1, 1))
 
+    @functools.cached_property
+    def lines(self) -> list[str]:
+        return self.text.splitlines()
+
     def key_at(self, *path: Any) -> Location:
         """The location of the mapping key that names the value at ``path``."""
         return self.locations.get(("key",) + tuple(path), self.at(*path))
+
+    def expression_at(self, *path: Any) -> Location:
+        """Where the text of the scalar at ``path`` starts (after an opening quote or a block
+        scalar's header), carrying the source position of each character of the text."""
+        where = self.at(*path)
+        lines = self.lines
+        if not 0 < where.line <= len(lines):
+            return where
+        line = lines[where.line - 1]
+        start = (where.line - 1, where.column - 1)
+        first = line[where.column - 1 : where.column]
+        if first and first in "\"'":
+            start = (where.line - 1, where.column)
+        elif first and first in "|>":
+            start = (where.line, 0)
+        where = Location(self.file, start[0] + 1, start[1] + 1)
+        value: Any = self.value
+        for key in path:
+            try:
+                value = value[key]
+            except (KeyError, IndexError, TypeError):
+                return where
+        if not isinstance(value, str) or len(value) > 10_000:
+            return where
+        chars = _trace(lines, start, value.rstrip())
+        return Location(where.file, where.line, where.column, chars) if chars else where
+
+
+def _trace(lines: list[str], start: tuple[int, int], value: str) -> tuple[tuple[int, int], ...] | None:
+    """The (line, column) of each character of a scalar's ``value``, matched against the source
+    from ``start`` on (skipping indentation and folded line breaks); None if it does not match,
+    e.g. when the scalar has escapes."""
+    out = []
+    row, col = start
+    for char in value:
+        while True:
+            if row >= len(lines):
+                return None
+            text = lines[row]
+            if col >= len(text):  # the line break
+                if char in " \n":
+                    out.append((row + 1, col + 1))
+                    row, col = row + 1, 0
+                    break
+                row, col = row + 1, 0
+            elif text[col] == char:
+                out.append((row + 1, col + 1))
+                col += 1
+                break
+            elif text[col] in " \t":
+                col += 1
+            else:
+                return None
+    return tuple(out)
 
 
 def load_document(text: str, file: str) -> Document:
@@ -78,8 +151,13 @@ def load_document(text: str, file: str) -> Document:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context
+        if isinstance(err, yaml.scanner.ScannerError) and err.context_mark and err.problem:
+            # The scanner gives up after the token that is wrong (a key without its ':', an unclosed
+            # quote): point at where that token starts, not at the following line or the end.
+            mark, problem = err.context_mark, f"{err.problem} ({err.context})"
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
-        raise SpecError(f"YAML syntax error: {err.problem or err.context}", where) from None
+        raise SpecError(f"YAML syntax error: {problem}", where) from None
     except yaml.YAMLError as err:
         raise SpecError(f"YAML error: {err}", Location(file, 1, 1)) from None
     except RecursionError:
@@ -94,7 +172,8 @@ def load_document(text: str, file: str) -> Document:
 def read_document(path: str | Path) -> Document:
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as stream:  # bounded: a spec (or an otherwise: path) may name a device
+            data = stream.read(MAX_SPEC_BYTES + 1)
     except OSError as err:
         raise SpecError(f"cannot read spec: {err.strerror}", Location(str(path), 1, 1)) from None
     try:
@@ -105,6 +184,14 @@ def read_document(path: str | Path) -> Document:
 
 
 _scalar_constructor = yaml.SafeLoader(stream="")
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MAP_TAG = "tag:yaml.org,2002:map"
+
+
+def _problem(err: Exception) -> str:
+    """One line: a marked YAML error without its source excerpt."""
+    text = err.problem if isinstance(err, yaml.MarkedYAMLError) and err.problem else str(err)
+    return (text.splitlines() or [type(err).__name__])[0]
 
 
 def _convert(node: yaml.Node, path: Path_, file: str, locations: dict, seen: set[int], depth: int) -> Any:
@@ -118,8 +205,10 @@ def _convert(node: yaml.Node, path: Path_, file: str, locations: dict, seen: set
     if isinstance(node, yaml.ScalarNode):
         try:
             return _scalar_constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as err:
-            raise SpecError(f"invalid YAML value: {err}", where) from None
+        except Exception as err:  # any failure of a safe constructor: !!int x, an empty !!float, !!python/name:...
+            raise SpecError(f"invalid YAML value: {_problem(err)}", where) from None
+    if node.tag not in (_SEQ_TAG, _MAP_TAG):  # e.g. !!python/object/apply:os.system [...] or !!set
+        raise SpecError(f"unsupported YAML tag {node.tag!r}", where, "specs use plain lists and mappings")
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, path + (i,), file, locations, seen, depth + 1) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.MappingNode):
@@ -130,9 +219,12 @@ def _convert(node: yaml.Node, path: Path_, file: str, locations: dict, seen: set
                     "mapping keys must be plain names",
                     Location(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1),
                 )
-            key = _scalar_constructor.construct_object(key_node)
-            key = key if isinstance(key, str) else str(key)
             key_where = Location(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            try:
+                key = _scalar_constructor.construct_object(key_node)
+            except Exception as err:  # as for values
+                raise SpecError(f"invalid YAML key: {_problem(err)}", key_where) from None
+            key = key if isinstance(key, str) else str(key)
             if key in result:
                 raise SpecError(f"duplicate key '{key}'", key_where)
             locations[("key",) + path + (key,)] = key_where

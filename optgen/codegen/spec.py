@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import keyword
+import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,13 @@ import sympy
 
 from optgen.codegen import expr as E
 from optgen.codegen.expr import Binding, Kind
-from optgen.codegen.source import Document, Location, SpecError, load_document, read_document
+from optgen.codegen import quant as Q
+from optgen.codegen.quant import QuantScheme
+from optgen.codegen.source import Document, Location, SpecError, SpecWarning, load_document, read_document
 
 SPEC_VERSION = 1
+STEP_BYTES = 4  # the float32 step counter each parameter keeps
+DEFAULT_KEEP_FULL_PRECISION = 4096  # lpmm and bitsandbytes keep small tensors' state in 32 bits
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "specs"
 
 TOP_KEYS = {
@@ -35,13 +41,22 @@ TOP_KEYS = {
     "update": "the update statements, in order",
     "applies_to": "which parameters this spec updates, e.g. ndim >= 2",
     "otherwise": "the spec for the other parameters",
+    "keep_full_precision": "{numel_at_most: N}: quantized states of small tensors stay float32",
 }
 HYPER_KEYS = {"default", "in", "names", "doc"}
 STATE_KEYS = {"init", "store", "kind", "saved_as", "doc"}
 STATE_KINDS = {"full": Kind.FULL, "rows": Kind.ROWS, "cols": Kind.COLS, "scalar": Kind.SCALAR}
 FLOAT_STORES = {"float32", "bfloat16"}
+QUANT_KEYS = ("bits", "signed", "normalize", "table")
 PARAM_PROPERTIES = ("ndim", "numel")
-RESERVED = {"param", "grad", "step", "params", "backend", "all", "ndim", "numel", *E.FUNCTIONS}
+# Spec names become Python names in generated code: keep clear of what that code itself uses.
+RESERVED = {
+    *("param", "grad", "step", "all", "ndim", "numel", *E.FUNCTIONS),
+    *("params", "backend", "self", "super", "dict", "math", "torch", "state", "hyper"),
+    *("load", "store", "quantized_or_float", "init_state", "update", "QuantScheme", "SCHEMES", "STATE_DTYPES"),
+    *("GeneratedOptimizer", "Hyper", "Program"),
+}
+_GENERATED_NAME = re.compile(r"^(map|reduce|stats|takes|torch)_\w*$|^[htr]\d+$")
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?inf$")
 
@@ -84,13 +99,24 @@ class Hyper:
 
 @dataclass(frozen=True)
 class Storage:
-    """How a state tensor is stored. Quantized schemes plug in here (a seam for later issues)."""
+    """How a state tensor is stored: a float dtype, or a quantized scheme (codes + scales).
+
+    A quantized state falls back to ``dtype`` (float32) for tensors with at most
+    ``keep_full_precision`` elements.
+    """
 
     dtype: str  # float32 | bfloat16
+    quant: QuantScheme | None = None
 
     @property
-    def bytes_per_element(self) -> float:
-        return {"float32": 4, "bfloat16": 2}[self.dtype]
+    def name(self) -> str:
+        return self.quant.name if self.quant else self.dtype
+
+    def nbytes(self, shape: tuple[int, ...], keep_full_precision: int) -> int:
+        numel = math.prod(shape)
+        if self.quant and numel > keep_full_precision:
+            return self.quant.nbytes(shape)
+        return numel * {"float32": 4, "bfloat16": 2}[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -123,9 +149,14 @@ class Routing:
     """``applies_to`` / ``otherwise``: parameters failing ``condition`` use ``otherwise``."""
 
     condition_text: str  # validated Python source over ndim and numel
+    condition: sympy.Basic  # the same condition in sympy, for planning by shape
     otherwise: Spec
     rename: dict[str, str]  # otherwise's hyper name -> constructor keyword
     where: Location
+
+    def takes(self, shape: tuple[int, ...]) -> bool:
+        values = {sympy.Symbol("ndim"): len(shape), sympy.Symbol("numel"): math.prod(shape)}
+        return bool(self.condition.subs(values))
 
 
 @dataclass
@@ -139,6 +170,7 @@ class Spec:
     outputs: dict[str, sympy.Symbol]  # state name / "param" -> symbol holding its final value
     kinds: dict[sympy.Symbol, Kind]
     routing: Routing | None
+    keep_full_precision: int  # quantized states of tensors this small stay float32
     path: str
     text: str
     sha256: str = field(default="")
@@ -147,9 +179,25 @@ class Spec:
     def hyper_names(self) -> list[str]:
         return [h.name for h in self.hypers]
 
-    def state_bytes_per_element(self) -> float:
-        """Bytes of full-kind state per parameter element (excluding the step counter)."""
-        return sum(s.store.bytes_per_element for s in self.state if s.kind is Kind.FULL)
+    def state_nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of state this spec keeps for one parameter of ``shape`` (its own program only)."""
+        shapes = {
+            Kind.FULL: tuple(shape),
+            Kind.ROWS: tuple(shape[:-1]),
+            Kind.COLS: tuple(shape[:-2]) + tuple(shape[-1:]),
+            Kind.SCALAR: (),
+        }
+        return STEP_BYTES + sum(s.store.nbytes(shapes[s.kind], self.keep_full_precision) for s in self.state)
+
+    def state_bytes_per_element(self, shape: tuple[int, ...] = (4096, 4096)) -> float:
+        """State bytes per parameter element for a parameter of ``shape`` (default: a large matrix)."""
+        return self.state_nbytes(shape) / math.prod(shape)
+
+    def spec_for(self, shape: tuple[int, ...]) -> Spec:
+        """The spec (this one or a fall-back) that updates a parameter of ``shape``."""
+        if self.routing and not self.routing.takes(shape):
+            return self.routing.otherwise.spec_for(shape)
+        return self
 
     def all_specs(self) -> list[Spec]:
         """This spec and the specs its routing falls back to, in routing order."""
@@ -191,6 +239,7 @@ class _SpecParser:
         self.chain = chain  # files already on the otherwise-chain, to refuse cycles
         self.kinds: dict[sympy.Symbol, Kind] = {}
         self.bindings: dict[str, Binding] = {}
+        self.defines: dict[str, Any] = {}
 
     def at(self, *path: Any) -> Location:
         return self.doc.at(*path)
@@ -206,7 +255,7 @@ class _SpecParser:
         for key in ("optgen", "name", "class", "update"):
             if key not in top:
                 raise SpecError(f"missing required key '{key}' ({TOP_KEYS[key]})", self.at())
-        if top["optgen"] != SPEC_VERSION:
+        if isinstance(top["optgen"], bool) or top["optgen"] != SPEC_VERSION:
             raise SpecError(f"unsupported spec version {top['optgen']!r}", self.at("optgen"), "write optgen: 1")
         name = self.identifier(top["name"], ("name",), "spec name")
         class_name = self.identifier(top["class"], ("class",), "class name")
@@ -231,9 +280,11 @@ class _SpecParser:
             outputs=outputs,
             kinds=dict(self.kinds),
             routing=routing,
+            keep_full_precision=self.keep_full_precision(top),
             path=self.doc.file,
             text=self.doc.text,
         )
+        warn_zero_point(spec)
         digest = hashlib.sha256(self.doc.text.encode())
         if routing:
             digest.update(routing.otherwise.sha256.encode())
@@ -250,8 +301,8 @@ class _SpecParser:
     def new_name(self, name: str, path: tuple, what: str) -> str:
         self.identifier(name, path, what)
         where = self.doc.key_at(*path)
-        if name in RESERVED:
-            raise SpecError(f"'{name}' is reserved and cannot name a {what}", where)
+        if name in RESERVED or _GENERATED_NAME.match(name):
+            raise SpecError(f"'{name}' is reserved and cannot name a {what}", where, "pick another name")
         if name in self.bindings:
             raise SpecError(f"'{name}' is already defined; {what} names must be unique", where)
         return name
@@ -259,6 +310,19 @@ class _SpecParser:
     def bind(self, binding: Binding, name: str) -> None:
         self.bindings[name] = binding
         self.kinds[binding.symbol] = binding.kind
+
+    def keep_full_precision(self, top: dict) -> int:
+        section = top.get("keep_full_precision", {"numel_at_most": DEFAULT_KEEP_FULL_PRECISION})
+        value = (
+            section.get("numel_at_most") if isinstance(section, dict) and set(section) == {"numel_at_most"} else None
+        )
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SpecError(
+                "keep_full_precision takes {numel_at_most: N} with N >= 0",
+                self.at("keep_full_precision"),
+                "e.g. keep_full_precision: {numel_at_most: 4096}",
+            )
+        return value
 
     # -- hyper ---------------------------------------------------------------------------------
     def parse_hypers(self, section: Any) -> list[Hyper]:
@@ -283,6 +347,12 @@ class _SpecParser:
             names: tuple[str, ...] = (name,)
             if isinstance(default, tuple):
                 names = self.tuple_names(name, spec.get("names"), len(default), path)
+            elif "names" in spec:
+                raise SpecError(f"names only applies to tuple hyperparameters, and '{name}' is not one", self.at(*path))
+            if name == "lr" and not isinstance(default, float):
+                raise SpecError("lr must be a number", self.at(*dpath), "e.g. lr: 1.0e-3")
+            if "in" in spec and isinstance(default, bool):
+                raise SpecError(f"'{name}' is a bool: it takes no interval", self.doc.key_at(*path, "in"))
             interval = self.interval(spec["in"], path + ("in",)) if "in" in spec else None
             values = default if isinstance(default, tuple) else (default,)
             if interval and not isinstance(default, bool):
@@ -322,7 +392,10 @@ class _SpecParser:
             )
         if value != value:
             raise SpecError(f"'{name}' must not be NaN", self.at(*path))
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a huge integer
+            raise SpecError(f"'{name}' is too large for float64", self.at(*path)) from None
 
     def tuple_names(self, name: str, names: Any, size: int, path: tuple) -> tuple[str, ...]:
         if names is None:
@@ -359,37 +432,86 @@ class _SpecParser:
                         "keys: " + ", ".join(sorted(STATE_KEYS)),
                     )
             kind_name = decl.get("kind", "full")
-            if kind_name not in STATE_KINDS:
+            if not isinstance(kind_name, str) or kind_name not in STATE_KINDS:
                 raise SpecError(
                     f"unknown state kind {kind_name!r}", self.at(*path, "kind"), "kinds: " + ", ".join(STATE_KINDS)
                 )
             kind = STATE_KINDS[kind_name]
             store = self.storage(decl.get("store", "float32"), path + ("store",))
             init, init_kind = self.init_expr(decl.get("init", 0), path + ("init",) if isinstance(value, dict) else path)
-            if init_kind > kind and not (kind is Kind.FULL):
+            if join_up(init_kind, kind) != kind:
                 raise SpecError(f"kind clash: init of {kind} state '{name}' is {init_kind}", self.at(*path))
             saved_as = decl.get("saved_as", name)
             self.identifier(saved_as, path + ("saved_as",), "saved_as")
             if saved_as == "step" or saved_as in saved:
                 raise SpecError(f"state key '{saved_as}' is used twice (or is 'step')", self.at(*path, "saved_as"))
             saved[saved_as] = name
-            state.append(StateVar(name, init, init_kind, store, kind, saved_as, decl.get("doc", ""), self.doc.key_at(*path)))
+            state.append(
+                StateVar(name, init, init_kind, store, kind, saved_as, decl.get("doc", ""), self.doc.key_at(*path))
+            )
             self.bind(Binding(sympy.Symbol(name), kind), name)
         return state
 
     def storage(self, value: Any, path: tuple) -> Storage:
         if isinstance(value, str) and value in FLOAT_STORES:
             return Storage(value)
-        raise SpecError(
-            f"unknown storage scheme {value!r}",
-            self.at(*path),
-            "valid: " + ", ".join(sorted(FLOAT_STORES)) + " (quantized schemes arrive with spec version 1.1)",
-        )
+        if isinstance(value, str) and value in Q.PRESETS:
+            return Storage("float32", Q.PRESETS[value])
+        if not isinstance(value, dict):
+            raise SpecError(
+                f"unknown storage scheme {value!r}",
+                self.at(*path),
+                "valid: " + ", ".join([*sorted(FLOAT_STORES), *Q.PRESETS]) + ", or {bits, signed, normalize, table}",
+            )
+        for key in value:
+            if key not in QUANT_KEYS:
+                raise SpecError(
+                    f"unknown key '{key}' in a quantized store",
+                    self.doc.key_at(*path, key),
+                    "keys: " + ", ".join(QUANT_KEYS),
+                )
+        missing = [k for k in QUANT_KEYS if k not in value]
+        if missing:
+            raise SpecError(
+                f"quantized store needs {', '.join(missing)}", self.at(*path), "keys: " + ", ".join(QUANT_KEYS)
+            )
+        bits, signed, normalize, table = (value[k] for k in QUANT_KEYS)
+        if bits not in (4, 8) or isinstance(bits, bool):
+            raise SpecError(f"bits must be 4 or 8, got {bits!r}", self.at(*path, "bits"))
+        if not isinstance(signed, bool):
+            raise SpecError(f"signed must be true or false, got {signed!r}", self.at(*path, "signed"))
+        if table not in Q.TABLES:
+            raise SpecError(f"unknown table {table!r}", self.at(*path, "table"), "tables: " + ", ".join(Q.TABLES))
+        if table == "linear_nozero" and signed:
+            raise SpecError("linear_nozero is an unsigned table", self.at(*path, "table"), "use signed: false")
+        block = 0
+        if isinstance(normalize, dict) and list(normalize) == ["block"]:
+            block = normalize["block"]
+            if isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % 2:
+                raise SpecError(
+                    f"block size must be a positive even integer (two 4-bit codes per byte), got {block!r}",
+                    self.at(*path, "normalize", "block"),
+                )
+            normalize = "block"
+        elif normalize not in ("rank1", "tensor"):
+            raise SpecError(
+                f"unknown normalization {normalize!r}", self.at(*path, "normalize"), "use {block: B}, rank1 or tensor"
+            )
+        if normalize == "rank1" and signed:
+            raise SpecError(
+                "rank-1 normalization needs a non-negative (signed: false) state",
+                self.at(*path, "normalize"),
+                "use {block: 128} for signed states",
+            )
+        return Storage("float32", Q.QuantScheme(bits, signed, normalize, table, block))
 
     def init_expr(self, value: Any, path: tuple) -> tuple[sympy.Expr, Kind]:
-        where = self.at(*path)
+        where = self.expression_at(*path)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return E.number(float(value)), Kind.HOST
+            try:
+                return E.number(float(value)), Kind.HOST
+            except OverflowError:  # .inf, .nan or a huge integer
+                raise SpecError(f"init must be a finite float64 number, got {value!r}", where) from None
         allowed = {"param"} | {n for n, b in self.bindings.items() if b.kind is Kind.HOST and n != "step"}
 
         def resolve(name: str, at: Location) -> Binding:
@@ -418,6 +540,7 @@ class _SpecParser:
             parsed.append((line, where, target, target_at, node))
             assigned_later.setdefault(target, target_at)
 
+        self.taken = {*self.bindings, *assigned_later} - set(state_by_name_of(state)) - {"param"}
         outputs: dict[str, sympy.Symbol] = {}
         versions: dict[str, int] = {}
         state_by_name = {s.name: s for s in state}
@@ -446,7 +569,8 @@ class _SpecParser:
             self.kinds[symbol] = max(kind, limit) if target in state_by_name or target == "param" else kind
             binding = Binding(symbol, self.kinds[symbol])
             temporaries[target] = binding
-            program.append(Assignment(target, symbol, value, binding.kind, line.strip(), where))
+            text = f"{target} = {ast.unparse(node)}"  # re-printed from the checked tree: no comments
+            program.append(Assignment(target, symbol, value, binding.kind, text, where))
             if target in state_by_name or target == "param":
                 outputs[target] = symbol
 
@@ -458,9 +582,18 @@ class _SpecParser:
         return program, outputs
 
     def version_symbol(self, target: str, version: int, is_output: bool) -> sympy.Symbol:
+        """m -> m_new (then m_new2, ...); a temporary keeps its name, then t_2, ...: never a spec name."""
+        if not is_output and version == 1:
+            return sympy.Symbol(target)
         if is_output:
-            return sympy.Symbol(f"{target}_new" if version == 1 else f"{target}_new{version}")
-        return sympy.Symbol(target if version == 1 else f"{target}_{version}")
+            candidates = (f"{target}_new" + (str(version + i) if version + i > 1 else "") for i in range(10**6))
+        else:
+            candidates = (f"{target}_{version + i}" for i in range(10**6))
+        for name in candidates:
+            if name not in self.taken:
+                self.taken.add(name)
+                return sympy.Symbol(name)
+        raise AssertionError("unreachable")
 
     def check_target(self, target: str, at: Location, kind: Kind, state: dict[str, StateVar]) -> None:
         if target == "grad":
@@ -473,8 +606,8 @@ class _SpecParser:
         if binding is not None and target not in state and target != "param":
             what = "a define" if target in self.defines else "a hyperparameter"
             raise SpecError(f"cannot assign to '{target}': it is {what}", at, "assign to a new temporary name instead")
-        if target in RESERVED and target != "param":
-            raise SpecError(f"'{target}' is reserved", at)
+        if (target in RESERVED or _GENERATED_NAME.match(target)) and target != "param":
+            raise SpecError(f"'{target}' is reserved", at, "pick another name")
         if target in state and join_up(kind, state[target].kind) != state[target].kind:
             raise SpecError(
                 f"kind clash: '{target}' is a {state[target].kind} state but the value is {kind}",
@@ -484,15 +617,7 @@ class _SpecParser:
 
     def expression_at(self, *path: Any) -> Location:
         """Where an expression's text starts (after an opening quote, if it is quoted)."""
-        where = self.at(*path)
-        lines = self.doc.text.splitlines()
-        if 0 < where.line <= len(lines):
-            line = lines[where.line - 1]
-            if where.column - 1 < len(line) and line[where.column - 1] in "\"'":
-                return where.shifted(1)
-        return where
-
-    defines: dict[str, Any] = {}
+        return self.doc.expression_at(*path)
 
     def parse_defines(self, defines: dict[str, Any]) -> list[Assignment]:
         self.defines = defines
@@ -519,7 +644,8 @@ class _SpecParser:
             value, kind = E.build_expression(node, resolve, where)
             symbol = sympy.Symbol(name)
             self.bind(Binding(symbol, kind), name)
-            program.append(Assignment(name, symbol, value, kind, f"{name} = {text}", where, is_define=True))
+            text = f"{name} = {ast.unparse(node)}"  # re-printed from the checked tree: no comments
+            program.append(Assignment(name, symbol, value, kind, text, where, is_define=True))
         return program
 
     def dependency_order(self, nodes: dict[str, tuple]) -> list[str]:
@@ -565,7 +691,13 @@ class _SpecParser:
                 raise SpecError(f"applies_to can use {', '.join(PARAM_PROPERTIES)}, not '{name}'", at)
             return Binding(sympy.Symbol(name), kinds[sympy.Symbol(name)])
 
-        E.build_condition(node, resolve, where)  # validates: whitelist, names, a condition
+        for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
+            raise SpecError(
+                "applies_to cannot call functions",
+                where.shifted(call.col_offset),
+                "compare ndim and numel, e.g. numel > 4096",
+            )
+        condition, _ = E.build_condition(node, resolve, where)  # validates: whitelist, names, a condition
         condition_text = ast.unparse(node)  # re-printed from the checked tree, never the raw text
 
         other = top["otherwise"]
@@ -576,7 +708,9 @@ class _SpecParser:
                 raise SpecError("otherwise takes {spec: NAME, rename: {hyper: keyword}}", self.at("otherwise"))
             rename = other.get("rename", {}) or {}
             other = other["spec"]
-            if not isinstance(rename, dict) or not all(isinstance(v, str) and v.isidentifier() for v in rename.values()):
+            if not isinstance(rename, dict) or not all(
+                isinstance(v, str) and v.isidentifier() for v in rename.values()
+            ):
                 raise SpecError("rename maps hyperparameter names to new keyword names", self.at("otherwise", "rename"))
         if not isinstance(other, str):
             raise SpecError("otherwise names a built-in spec or a spec file", self.at("otherwise"))
@@ -587,12 +721,47 @@ class _SpecParser:
             raise SpecError(err.message, self.at("otherwise"), err.hint) from None
         key = str(path.resolve())
         if key in self.chain or key == _resolved(self.doc.file):
-            raise SpecError(f"cycle in otherwise: {other} routes back to a spec already on the chain", self.at("otherwise"))
+            raise SpecError(
+                f"cycle in otherwise: {other} routes back to a spec already on the chain", self.at("otherwise")
+            )
         otherwise = _SpecParser(read_document(path), self.chain + (_resolved(self.doc.file),)).parse()
         for old in rename:
             if old not in otherwise.hyper_names:
                 raise SpecError(f"rename: '{old}' is not a hyperparameter of {otherwise.name}", self.at("otherwise"))
-        return Routing(condition_text, otherwise, dict(rename), self.doc.key_at("applies_to"))
+        return Routing(condition_text, condition, otherwise, dict(rename), self.doc.key_at("applies_to"))
+
+
+def state_by_name_of(state: list[StateVar]) -> dict[str, StateVar]:
+    return {s.name: s for s in state}
+
+
+def divided_states(spec: Spec) -> set[str]:
+    """States whose value (old or new, directly or through temporaries) the update divides by."""
+    depends: dict[sympy.Symbol, set[str]] = {sympy.Symbol(s.name): {s.name} for s in spec.state}
+    divided: set[str] = set()
+
+    def states_in(expr: sympy.Basic) -> set[str]:
+        return set().union(*(depends.get(sym, set()) for sym in expr.free_symbols))
+
+    for assignment in spec.program:
+        for power in assignment.expr.atoms(sympy.Pow):
+            if power.exp.is_Number and power.exp < 0:
+                divided |= states_in(power.base)
+        depends[assignment.symbol] = states_in(assignment.expr)
+    return divided
+
+
+def warn_zero_point(spec: Spec) -> None:
+    for state in spec.state:
+        if state.store.quant and state.store.quant.has_zero and state.name in divided_states(spec):
+            warnings.warn_explicit(
+                f"state '{state.name}' is divided by but its table '{state.store.quant.table}' contains 0: "
+                "values that quantize to 0 make the update explode (the zero-point problem); "
+                "use a table without zero (linear_nozero or dynamic_exponent_nozero)",
+                SpecWarning,
+                state.where.file,
+                state.where.line,
+            )
 
 
 def _resolved(file: str) -> str:

@@ -8,6 +8,7 @@ expect — param groups, closures, schedulers, state_dict — and calls the gene
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -16,7 +17,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from optgen.runtime.state import QuantizedState
+
 BACKENDS = ("auto", "torch", "inductor")
+# Param-group keys torch.optim optimizers save (a user's own group keys are kept untouched).
+_TORCH_KEYS = {"foreach", "fused", "capturable", "differentiable", "amsgrad", "decoupled_weight_decay", "nesterov"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,9 @@ class Hyper:
                 raise TypeError(f"{self.key} must be a bool, got {value!r}")
             return
         values = value if isinstance(self.default, tuple) else (value,)
-        if isinstance(self.default, tuple) and (not isinstance(value, (tuple, list)) or len(value) != len(self.default)):
+        if isinstance(self.default, tuple) and (
+            not isinstance(value, (tuple, list)) or len(value) != len(self.default)
+        ):
             raise ValueError(f"{self.key} must be a tuple of {len(self.default)} numbers, got {value!r}")
         for v in values:
             if _is_scalar_tensor(v):
@@ -71,6 +78,7 @@ class Program:
     hyper_keys: dict[str, str]  # spec hyper name -> param_group key
     state_keys: dict[str, str]  # spec state name -> state_dict key
     kernels: dict[str, ModuleType]
+    min_ndim: int = 0  # rows/cols values need parameters with this many dims
 
     def takes(self, param: torch.Tensor) -> bool:
         return self.applies_to is None or bool(self.applies_to(param.ndim, param.numel()))
@@ -90,10 +98,6 @@ class GeneratedOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim API -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        known = {h.key for h in self.hypers} | {"params"}
-        for key in param_group:
-            if key not in known and key not in self.defaults:
-                raise TypeError(f"{type(self).__name__} has no hyperparameter '{key}' (known: {', '.join(sorted(known))})")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for hyper in self.hypers:
@@ -122,6 +126,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     hyper = tensors[program.name] = self._hyper_tensors(group, program)
                 state = self.state[param]
                 if not state:
+                    if param.ndim < program.min_ndim:
+                        raise ValueError(
+                            f"{type(self).__name__} ({program.name}) needs parameters with at least {program.min_ndim} "
+                            f"dims, got shape {tuple(param.shape)}; route smaller ones with applies_to/otherwise"
+                        )
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state.update(program.kernels["torch"].init_state(param, hyper))
                 state["step"] += 1
@@ -144,23 +153,58 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if missing:
                 raise KeyError(f"state_dict has no {', '.join(missing)} for a parameter of shape {tuple(param.shape)}")
             for key, value in saved[saved_id].items():
-                if isinstance(value, torch.Tensor) and key != "step":
+                if QuantizedState.is_saved(value):
+                    state[key] = QuantizedState.from_saved(value, param.device)
+                elif isinstance(value, torch.Tensor) and key != "step":
                     state[key] = value.detach().to(device=param.device, copy=True)
             if not isinstance(state.get("step"), torch.Tensor):
-                state["step"] = torch.tensor(float(state.get("step", 0)), dtype=torch.float32)
+                # No count saved (torch.optim.SGD keeps none): the parameter has state, so it has
+                # stepped at least once; 0 would make the next step look like the first one.
+                state["step"] = torch.tensor(float(state.get("step", 1)), dtype=torch.float32)
             else:
                 state["step"] = state["step"].to(dtype=torch.float32, device="cpu")
             for key, dtype in program.kernels["torch"].STATE_DTYPES.items():
-                state[key] = state[key].to(dtype)
+                if isinstance(state[key], torch.Tensor):
+                    state[key] = state[key].to(dtype)
+        self._check_loaded_groups()
+
+    def _check_loaded_groups(self) -> None:
+        # A torch.optim checkpoint brings its own group keys (foreach, fused, amsgrad, ...). Ones
+        # that are off change nothing and are dropped; one that is on may ask for behaviour the
+        # spec does not have, so say so (the spec's update is what runs).
+        known = {h.key for h in self.hypers} | {"params"}
+        for group in self.param_groups:
+            for key in [k for k in group if k not in known]:
+                if group[key] in (None, False, 0):
+                    del group[key]
+                elif key in _TORCH_KEYS:
+                    warnings.warn(
+                        f"the loaded state_dict sets {key}={group[key]!r}, which is not a hyperparameter of "
+                        f"{type(self).__name__} (optgen): it is ignored; the spec's update is what runs",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    del group[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's format; quantized state is saved as plain tensors (codes, scales) + scheme."""
+        saved = super().state_dict()
+        saved["state"] = {
+            index: {k: v.to_saved() if isinstance(v, QuantizedState) else v for k, v in state.items()}
+            for index, state in saved["state"].items()
+        }
+        return saved
 
     def state_bytes(self) -> int:
-        """Bytes of tensor memory held in optimizer state (every state tensor, step counters too)."""
-        return sum(
-            value.numel() * value.element_size()
-            for state in self.state.values()
-            for value in state.values()
-            if isinstance(value, torch.Tensor)
-        )
+        """Bytes of memory held in optimizer state (every state tensor, step counters too)."""
+        total = 0
+        for state in self.state.values():
+            for value in state.values():
+                if isinstance(value, QuantizedState):
+                    total += value.nbytes
+                elif isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+        return total
 
     # -- internals -------------------------------------------------------------------------------
     def _program_for(self, param: torch.Tensor) -> Program:
