@@ -253,7 +253,8 @@ def render_plan(plan: Plan) -> str:
     quantized = [s for s in spec.state if s.store.quant]
     if quantized:
         lines.append(
-            f"  quantized: load = dequantize, store = quantize; tensors <= {spec.keep_full_precision} elements stay float32"
+            f"  quantized: load = dequantize, store = quantize;"
+            f" tensors <= {spec.keep_full_precision} elements stay float32"
         )
     lines.append("  hyper read: " + (", ".join(plan.hyper_inputs) or "none") + "; step")
     lines.append("  host (once per parameter per step):")

@@ -20,8 +20,8 @@ from typing import Any
 import sympy
 
 from optgen.codegen import expr as E
-from optgen.codegen.expr import Binding, Kind
 from optgen.codegen import quant as Q
+from optgen.codegen.expr import Binding, Kind
 from optgen.codegen.quant import QuantScheme
 from optgen.codegen.source import Document, Location, SpecError, SpecWarning, load_document, read_document
 
@@ -438,6 +438,8 @@ class _SpecParser:
                 )
             kind = STATE_KINDS[kind_name]
             store = self.storage(decl.get("store", "float32"), path + ("store",))
+            if store.quant and kind is not Kind.FULL:
+                raise SpecError(f"only full state can be quantized ('{name}' is {kind})", self.at(*path, "store"))
             init, init_kind = self.init_expr(decl.get("init", 0), path + ("init",) if isinstance(value, dict) else path)
             if join_up(init_kind, kind) != kind:
                 raise SpecError(f"kind clash: init of {kind} state '{name}' is {init_kind}", self.at(*path))
@@ -546,7 +548,7 @@ class _SpecParser:
         state_by_name = {s.name: s for s in state}
         temporaries: dict[str, Binding] = {}
 
-        for line, where, target, target_at, node in parsed:
+        for _line, where, target, target_at, node in parsed:
 
             def resolve(name: str, at: Location) -> Binding:
                 if name in temporaries:
@@ -725,9 +727,13 @@ class _SpecParser:
                 f"cycle in otherwise: {other} routes back to a spec already on the chain", self.at("otherwise")
             )
         otherwise = _SpecParser(read_document(path), self.chain + (_resolved(self.doc.file),)).parse()
-        for old in rename:
+        for old, new in rename.items():
             if old not in otherwise.hyper_names:
                 raise SpecError(f"rename: '{old}' is not a hyperparameter of {otherwise.name}", self.at("otherwise"))
+            if new in RESERVED or _GENERATED_NAME.match(new) or new.startswith("_"):
+                raise SpecError(
+                    f"rename: '{new}' is reserved", self.at("otherwise", "rename", old), "pick another name"
+                )
         return Routing(condition_text, condition, otherwise, dict(rename), self.doc.key_at("applies_to"))
 
 
