@@ -48,9 +48,12 @@ def main() -> None:
 
     def params():
         torch.manual_seed(0)
-        return [torch.nn.Parameter(torch.randn(args.numel, device=device)) for _ in range(args.tensors)]
+        # 1000 x (numel/1000) matrices, so rank-1 normalization applies as on real weights
+        shape = (1000, args.numel // 1000) if args.numel % 1000 == 0 else (args.numel,)
+        return [torch.nn.Parameter(torch.randn(shape, device=device)) for _ in range(args.tensors)]
 
     AdamW, SGD = optgen.load("adamw"), optgen.load("sgd")
+    AdamW4bit, AdamW8bit = optgen.load("adamw4bit"), optgen.load("adamw8bit")
     cases = {
         "adamw": {
             "torch.optim (default)": lambda ps: torch.optim.AdamW(ps),
@@ -58,6 +61,10 @@ def main() -> None:
             "torch.optim fused": lambda ps: torch.optim.AdamW(ps, fused=True),
             "optgen torch": lambda ps: AdamW(ps, backend="torch"),
             "optgen inductor": lambda ps: AdamW(ps, backend="inductor"),
+            "optgen adamw8bit torch": lambda ps: AdamW8bit(ps, backend="torch"),
+            "optgen adamw8bit inductor": lambda ps: AdamW8bit(ps, backend="inductor"),
+            "optgen adamw4bit torch": lambda ps: AdamW4bit(ps, backend="torch"),
+            "optgen adamw4bit inductor": lambda ps: AdamW4bit(ps, backend="inductor"),
         },
         "sgd momentum": {
             "torch.optim (default)": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
@@ -73,7 +80,7 @@ def main() -> None:
             seconds = median_step_seconds(make, params(), args.repeats)
             baseline = baseline or seconds
             rows.append([family, name, f"{seconds * 1e3:.2f}", f"{seconds / baseline:.2f}"])
-            print(f"{family:13s} {name:24s} {seconds * 1e3:8.2f} ms  x{seconds / baseline:.2f}")
+            print(f"{family:13s} {name:28s} {seconds * 1e3:8.2f} ms  x{seconds / baseline:.2f}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"step_time_{device}.csv"
     with out.open("w", newline="") as f:

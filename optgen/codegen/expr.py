@@ -363,15 +363,16 @@ class Builder:
         if all(v.is_Number for v in values):
             return self._fold_call(node, name, [float(v) for v in values]), kind
         if name == "clamp":
-            return sympy.Min(sympy.Max(values[0], values[1]), values[2]), kind
+            return sympy.Min(sympy.Max(values[0], values[1], evaluate=False), values[2], evaluate=False), kind
         function = {
             "sqrt": sympy.sqrt,
             "abs": sympy.Abs,
             "sign": sympy.sign,
             "exp": sympy.exp,
             "log": sympy.log,
-            "min": sympy.Min,
-            "max": sympy.Max,
+            # unevaluated: sympy's Min/Max simplification is slow on deep nests of distinct names
+            "min": lambda *a: sympy.Min(*a, evaluate=False),
+            "max": lambda *a: sympy.Max(*a, evaluate=False),
         }[name]
         return function(*values), kind
 

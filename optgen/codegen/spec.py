@@ -475,10 +475,10 @@ class _SpecParser:
         missing = [k for k in QUANT_KEYS if k not in value]
         if missing:
             raise SpecError(
-                f"quantized store needs {', '.join(missing)}", self.at(*path), "keys: " + ", ".join(QUANT_KEYS)
+                f"quantized store needs {', '.join(missing)}", self.doc.key_at(*path), "keys: " + ", ".join(QUANT_KEYS)
             )
         bits, signed, normalize, table = (value[k] for k in QUANT_KEYS)
-        if bits not in (4, 8) or isinstance(bits, bool):
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
             raise SpecError(f"bits must be 4 or 8, got {bits!r}", self.at(*path, "bits"))
         if not isinstance(signed, bool):
             raise SpecError(f"signed must be true or false, got {signed!r}", self.at(*path, "signed"))

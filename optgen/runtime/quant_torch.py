@@ -8,25 +8,15 @@ all-zero block reads back as zeros, never NaN.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
 import torch
 
-from optgen.codegen.quant import QuantScheme, midpoints
+from optgen.codegen.quant import QuantScheme
 from optgen.runtime.state import QuantizedState
 
 __all__ = ["QuantScheme", "QuantizedState", "dequantize", "load", "quantize_", "quantized_or_float", "store"]
-
-
-@functools.cache
-def _table(scheme: QuantScheme, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    values = scheme.values
-    return (
-        torch.tensor(values, dtype=torch.float32, device=device),
-        torch.tensor(midpoints(values), dtype=torch.float32, device=device),
-    )
 
 
 def zeros(param: torch.Tensor, scheme: QuantScheme) -> QuantizedState:
@@ -101,9 +91,8 @@ def _rank1_scales(maxima: list[torch.Tensor], shape: torch.Size) -> torch.Tensor
 
 
 def dequantize(state: QuantizedState) -> torch.Tensor:
-    table, _ = _table(state.scheme, state.codes.device)
     index = _unpack(state.codes, state.scheme.bits, math.prod(state.shape))
-    return table[index].view(state.shape) * element_scales(state)
+    return state.table[index].view(state.shape) * element_scales(state)
 
 
 def new_scales(state: QuantizedState, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +113,6 @@ def new_scales(state: QuantizedState, x: torch.Tensor) -> torch.Tensor:
 
 def quantize_(state: QuantizedState, x: torch.Tensor) -> None:
     """Store ``x`` (any float dtype, shaped like the tensor) into ``state`` in place."""
-    table, mids = _table(state.scheme, state.codes.device)
     state.scales.copy_(new_scales(state, x))
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(state.scales).all()):
         warnings.warn(
@@ -137,5 +125,5 @@ def quantize_(state: QuantizedState, x: torch.Tensor) -> None:
     scale = element_scales(state)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero blocks: 0/1, not 0/0
     normalized = (x.float() / safe).reshape(-1)
-    index = torch.bucketize(normalized, mids)  # nearest entry: count of midpoints below
+    index = torch.bucketize(normalized, state.midpoints)  # nearest entry: count of midpoints below
     state.codes.copy_(_pack(index, state.scheme.bits))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from optgen.codegen.quant import QuantScheme
+from optgen.codegen.quant import QuantScheme, midpoints
 
 
 def scheme_from_name(name: str) -> QuantScheme:
@@ -24,6 +24,15 @@ class QuantizedState:
     scales: torch.Tensor  # float32: per block, the concatenated per-dim maxima (rank-1), or one (tensor)
     scheme: QuantScheme
     shape: torch.Size
+    # The code table and its midpoints on the codes' device: made once here, not on every step
+    # (and not inside a torch.compile'd step). Not saved: the scheme name determines them.
+    table: torch.Tensor = field(init=False, repr=False, compare=False)
+    midpoints: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        device = self.codes.device
+        self.table = torch.tensor(self.scheme.values, dtype=torch.float32, device=device)
+        self.midpoints = torch.tensor(midpoints(self.scheme.values), dtype=torch.float32, device=device)
 
     @property
     def nbytes(self) -> int:
