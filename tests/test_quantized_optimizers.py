@@ -260,7 +260,7 @@ def test_state_dict_from_torch_backend_loads_into_inductor():
     compiled.load_state_dict(checkpoint["optimizer"])
     run_steps(opt, params, range(4, 6))
     run_steps(compiled, compiled_params, range(4, 6))
-    assert compiled._compiled  # the inductor path was taken
+    assert any(backend == "inductor" for _, backend in compiled._updates)  # the inductor path was taken
     for p, q in zip(params, compiled_params):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
     m, mc = opt.state[params[0]]["exp_avg"], compiled.state[compiled_params[0]]["exp_avg"]

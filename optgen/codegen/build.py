@@ -16,16 +16,20 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 from optgen import __version__
 from optgen.codegen.emit_torch import emit_torch
-from optgen.codegen.plan import make_plan
+from optgen.codegen.plan import Plan, make_plan
 from optgen.codegen.spec import Spec, load_spec
 from optgen.codegen.templates import TEMPLATE_DIR, render
 
-BACKEND_MODULES = ("torch",)  # the kernels each package carries (triton and mlir join later)
+# Backend name -> emitter: (plan, header) -> module source, or None where the backend cannot run
+# that plan (the runtime then uses the torch kernels for it). Each package carries one kernels
+# module per backend and routed spec: ``<backend>_<spec>.py``.
+EMITTERS: dict[str, Callable[[Plan, str], str | None]] = {"torch": emit_torch}
 
 
 def header(spec: Spec) -> str:
@@ -64,9 +68,14 @@ def render_package(spec: Spec) -> dict[str, str]:
     hyper_rows = []
     rename: dict[str, str] = {}
     for index, sub in enumerate(spec.all_specs()):
-        module = f"torch_{sub.name}" if index == 0 else f"torch_{index}_{sub.name}"
+        suffix = sub.name if index == 0 else f"{index}_{sub.name}"
         plan = make_plan(sub)
-        files[f"{module}.py"] = emit_torch(plan, header(sub))
+        modules = {}
+        for backend, emit in EMITTERS.items():
+            source = emit(plan, header(sub))
+            if source is not None:
+                modules[backend] = f"{backend}_{suffix}"
+                files[f"{backend}_{suffix}.py"] = source
         hyper_keys = {}
         for h in sub.hypers:
             key = rename.get(h.name, h.name)
@@ -78,7 +87,7 @@ def render_package(spec: Spec) -> dict[str, str]:
         programs.append(
             {
                 "name": sub.name,
-                "module": module,
+                "modules": modules,
                 "applies_to": f"takes_{index}_{sub.name}" if condition else None,
                 "min_ndim": plan.min_ndim,
                 "condition": condition,
@@ -118,7 +127,7 @@ def render_package(spec: Spec) -> dict[str, str]:
             "name": spec.name,
             "class": spec.class_name,
             "generator": generator_hash(),
-            "backends": list(BACKEND_MODULES),
+            "backends": sorted({b for program in programs for b in program["modules"]}),
             "files": sorted(files),
         },
         indent=2,
@@ -145,7 +154,7 @@ def _docstring(spec: Spec, hyper_rows) -> str:
         doc = f" {h.doc.strip().rstrip('.')}." if h.doc else ""
         rng = f" Valid range {h.interval}." if h.interval else ""
         lines.append(f"    {key} (default {h.default!r}):{doc}{rng}")
-    lines.append('    backend: "auto", "torch" or "inductor".')
+    lines.append('    backend: "auto" (triton on CUDA, mlir on CPU), "torch", "inductor", "mlir" or "triton".')
     lines.append("")
     lines.append(f"State per parameter: step, {', '.join(s.saved_as for s in spec.state) or 'nothing else'}.")
     return "\n".join(lines)

@@ -7,10 +7,11 @@ expect — param groups, closures, schedulers, state_dict — and calls the gene
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from types import ModuleType
 from typing import Any, ClassVar
@@ -19,7 +20,9 @@ import torch
 
 from optgen.runtime.state import QuantizedState
 
-BACKENDS = ("auto", "torch", "inductor")
+# "auto" picks per parameter: triton for CUDA tensors, mlir for CPU tensors, where the package has
+# that backend's kernels for the spec; torch otherwise, and always inside torch.compile (traceable).
+BACKENDS = ("auto", "torch", "inductor", "mlir", "triton")
 # Param-group keys torch.optim optimizers save (a user's own group keys are kept untouched).
 _TORCH_KEYS = {"foreach", "fused", "capturable", "differentiable", "amsgrad", "decoupled_weight_decay", "nesterov"}
 
@@ -77,11 +80,19 @@ class Program:
     applies_to: Callable[[int, int], bool] | None  # (ndim, numel) -> takes it; None: every parameter
     hyper_keys: dict[str, str]  # spec hyper name -> param_group key
     state_keys: dict[str, str]  # spec state name -> state_dict key
-    kernels: dict[str, ModuleType]
+    kernels: dict[str, str]  # backend -> kernels module name inside ``package``
+    package: str = ""
     min_ndim: int = 0  # rows/cols values need parameters with this many dims
+    _modules: dict[str, ModuleType] = field(default_factory=dict, compare=False, repr=False)
 
     def takes(self, param: torch.Tensor) -> bool:
         return self.applies_to is None or bool(self.applies_to(param.ndim, param.numel()))
+
+    def module(self, backend: str) -> ModuleType:
+        """The kernels module of ``backend``, imported on first use (triton is not imported on CPU)."""
+        if backend not in self._modules:
+            self._modules[backend] = importlib.import_module(f"{self.package}.{self.kernels[backend]}")
+        return self._modules[backend]
 
 
 class GeneratedOptimizer(torch.optim.Optimizer):
@@ -93,7 +104,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
-        self._compiled: dict[str, Callable] = {}
+        self._updates: dict[tuple[str, str], Callable] = {}
+        for program in self.programs:
+            program.module("torch")  # imported before any torch.compile trace reaches it
         super().__init__(params, defaults)
 
     # -- torch.optim API -------------------------------------------------------------------------
@@ -132,7 +145,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                             f"dims, got shape {tuple(param.shape)}; route smaller ones with applies_to/otherwise"
                         )
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state.update(program.kernels["torch"].init_state(param, hyper))
+                    state.update(program.module("torch").init_state(param, hyper))
                 state["step"] += 1
                 self._kernel(program, param)(param, grad, state, hyper)
         return loss
@@ -163,7 +176,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 state["step"] = torch.tensor(float(state.get("step", 1)), dtype=torch.float32)
             else:
                 state["step"] = state["step"].to(dtype=torch.float32, device="cpu")
-            for key, dtype in program.kernels["torch"].STATE_DTYPES.items():
+            for key, dtype in program.module("torch").STATE_DTYPES.items():
                 if isinstance(state[key], torch.Tensor):
                     state[key] = state[key].to(dtype)
         self._check_loaded_groups()
@@ -228,9 +241,26 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         return out
 
     def _kernel(self, program: Program, param: torch.Tensor) -> Callable:
-        backend = "torch" if self.backend == "auto" else self.backend
-        if backend == "torch":
-            return program.kernels["torch"].update
-        if program.name not in self._compiled:
-            self._compiled[program.name] = torch.compile(program.kernels["torch"].update, backend="inductor")
-        return self._compiled[program.name]
+        backend = self._backend_for(program, param)
+        if backend == "torch" and torch.compiler.is_compiling():
+            return program.module("torch").update
+        key = (program.name, backend)
+        if key not in self._updates:
+            if backend == "inductor":
+                self._updates[key] = torch.compile(program.module("torch").update, backend="inductor")
+            else:
+                self._updates[key] = program.module(backend).update
+        return self._updates[key]
+
+    def _backend_for(self, program: Program, param: torch.Tensor) -> str:
+        if self.backend == "auto":
+            if torch.compiler.is_compiling():
+                return "torch"
+            preferred = "triton" if param.is_cuda else "mlir"
+            return preferred if preferred in program.kernels else "torch"
+        if self.backend != "inductor" and self.backend not in program.kernels:
+            raise RuntimeError(
+                f"{type(self).__name__}: the {self.backend} backend has no kernels for spec {program.name!r}; "
+                f"available: {', '.join(sorted(program.kernels))} (or backend='auto')"
+            )
+        return self.backend
