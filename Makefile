@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: run test lint format setup clean
+.PHONY: run test lint format setup clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# CPU benchmark suite (~15 min on 2 cores; uses the GPU when there is one): benchmarks/results/, README tables
+bench: setup
+	$(PY) benchmarks/suite.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

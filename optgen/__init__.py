@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 
 from optgen.codegen.source import SpecError  # noqa: E402
 from optgen.runtime.loader import build, load  # noqa: E402
+from optgen.runtime.param_groups import param_groups  # noqa: E402
 
-__all__ = ["SpecError", "build", "load", "optim", "__version__"]
+__all__ = ["SpecError", "build", "load", "optim", "param_groups", "__version__"]
 
 
 def __getattr__(name: str):

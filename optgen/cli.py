@@ -1,4 +1,4 @@
-"""`optgen build | check | list | show` — the command line."""
+"""`optgen build | check | list | show | memory | autotune` — the command line."""
 
 from __future__ import annotations
 
@@ -54,8 +54,45 @@ def _cmd_show(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     for sub in spec.all_specs():
         plan = make_plan(sub)
-        print(emit_torch(plan, header(sub)) if args.torch else plan.render())
+        if args.triton:
+            from optgen.codegen.emit_triton import emit_triton
+
+            source = emit_triton(plan, header(sub))
+            print(source or f"# {sub.name}: the triton backend declines this plan (the torch kernels run it)")
+        else:
+            print(emit_torch(plan, header(sub)) if args.torch else plan.render())
     return 0
+
+
+def _cmd_autotune(args: argparse.Namespace) -> int:
+    from optgen.runtime import autotune
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        rows = autotune.tune_spec(args.spec, args.sizes, progress=progress)
+    except RuntimeError as err:
+        print(f"optgen: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{'device':<28} {'kernel':<10} {'bucket':>7} {'numel':>12} {'BLOCK':>6} {'warps':>5} {'stages':>6}")
+    for device, _, kernel, numel, config in rows:
+        print(
+            f"{device:<28} {kernel:<10} {'2^' + str(autotune.size_bucket(numel)):>7} {numel:>12} "
+            f"{config['BLOCK']:>6} {config['num_warps']:>5} {config['num_stages']:>6}"
+        )
+    print(f"saved to {autotune.user_table_path()}")
+    return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (1 <= value < 2**40) or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole element count such as 4096 or 1e6, got {text!r}")
+    return int(value)
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
@@ -119,11 +156,23 @@ def parser() -> argparse.ArgumentParser:
     shape.add_argument("--model", help="a LLaMA-shaped config: " + ", ".join(MODELS))
     p.set_defaults(run=_cmd_memory)
 
+    p = sub.add_parser(
+        "autotune",
+        help="tune the Triton kernels' launch configurations",
+        description="Tune the Triton kernels of SPEC on this GPU and save the table in the user cache.",
+    )
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument(
+        "--sizes", nargs="+", type=_count, default=[2**20, 2**24, 2**27], help="element counts (default 2^20 2^24 2^27)"
+    )
+    p.set_defaults(run=_cmd_autotune)
+
     p = sub.add_parser("show", help="print a spec's plan or generated code", description="Print the plan (default).")
     p.add_argument("spec", metavar="SPEC")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--plan", action="store_true", help="the plan: host scalars, stages (default)")
     what.add_argument("--torch", action="store_true", help="the generated torch kernels")
+    what.add_argument("--triton", action="store_true", help="the generated Triton kernels")
     p.set_defaults(run=_cmd_show)
     return top
 

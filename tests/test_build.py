@@ -28,9 +28,10 @@ def test_built_package_imports_in_a_fresh_process_and_steps(tmp_path):
     assert result.returncode == 0, result.stderr
     package = tmp_path / "out" / "adamw"
     files = sorted(p.name for p in package.iterdir())
-    assert files == ["__init__.py", "manifest.json", "spec.yaml", "torch_adamw.py"]
+    kernels = [f"{backend}_adamw.py" for backend in B.EMITTERS]
+    assert files == sorted(["__init__.py", "manifest.json", "spec.yaml", *kernels])
     spec = load_spec(REPO / "specs/adamw.yaml")
-    for name in ("__init__.py", "torch_adamw.py"):
+    for name in ("__init__.py", *kernels):
         head = (package / name).read_text().splitlines()[0]
         assert "specs/adamw.yaml" in head and spec.sha256[:16] in head
     manifest = json.loads((package / "manifest.json").read_text())

@@ -21,7 +21,9 @@ from importlib import metadata
 from pathlib import Path
 
 from optgen import __version__
+from optgen.codegen.emit_mlir import emit_mlir
 from optgen.codegen.emit_torch import emit_torch
+from optgen.codegen.emit_triton import emit_triton
 from optgen.codegen.plan import Plan, make_plan
 from optgen.codegen.spec import Spec, load_spec
 from optgen.codegen.templates import TEMPLATE_DIR, render
@@ -29,7 +31,7 @@ from optgen.codegen.templates import TEMPLATE_DIR, render
 # Backend name -> emitter: (plan, header) -> module source, or None where the backend cannot run
 # that plan (the runtime then uses the torch kernels for it). Each package carries one kernels
 # module per backend and routed spec: ``<backend>_<spec>.py``.
-EMITTERS: dict[str, Callable[[Plan, str], str | None]] = {"torch": emit_torch}
+EMITTERS: dict[str, Callable[[Plan, str], str | None]] = {"torch": emit_torch, "mlir": emit_mlir, "triton": emit_triton}
 
 
 def header(spec: Spec) -> str:
@@ -93,6 +95,8 @@ def render_package(spec: Spec) -> dict[str, str]:
                 "condition": condition,
                 "hyper_keys": hyper_keys,
                 "state_keys": {s.name: s.saved_as for s in sub.state},
+                "state_kinds": {s.saved_as: str(s.kind) for s in sub.state},
+                "shard_local": plan.shard_local,
             }
         )
         if sub.routing:

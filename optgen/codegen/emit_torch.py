@@ -92,6 +92,7 @@ def emit_torch(plan: Plan, header: str) -> str:
         init_state=init_state,
         state_dtypes=[(s.saved_as, _DTYPES[s.store.dtype]) for s in spec.state],
         schemes=[(s.saved_as, _scheme_literal(s.store.quant)) for s in spec.state if s.store.quant],
+        matrix_ops=any(stage.op == "matrix" for stage in plan.stages),
         unpack_lines=_unpack_lines(plan, reads, include_all=False),
         host_lines=[
             f"{let.symbol} = {printer.doprint(let.expr)}" + (f"  # {let.comment}" if let.comment else "")

@@ -63,8 +63,20 @@ REDUCED_KIND = {  # (operand kind, dim) -> result kind
     (Kind.SCALAR, DIM_ALL): Kind.SCALAR,
 }
 
+# Matrix primitives (docs/spec-language.md#matrix-primitives): whole-matrix operations on a full
+# value, planned as ``matrix`` stages.  Options travel as sympy Integers (indices into the tuples
+# below), so they never become free symbols.
+STANDARDIZE = sympy.Function("standardize")  # (x, dim, eps)
+WHITEN = sympy.Function("whiten")  # (x, steps, method index, dtype index)
+MATRIX_OPS = {"standardize": STANDARDIZE, "whiten": WHITEN}
+WHITEN_METHODS = ("newton_schulz", "quintic")
+MATRIX_DTYPES = ("float32", "bfloat16")
+MAX_WHITEN_STEPS = 100
+DIM_LONG = 1  # standardize(x, dim=long): along the longer of the last two dims (not a reduction dim)
+DEFAULT_STANDARDIZE_EPS = 1.0e-8
+
 ELEMENTWISE_FUNCTIONS = {"sqrt": 1, "abs": 1, "sign": 1, "exp": 1, "log": 1, "clamp": 3, "where": 3}
-FUNCTIONS = sorted([*ELEMENTWISE_FUNCTIONS, "min", "max", "mean", "sum", "norm"])
+FUNCTIONS = sorted([*ELEMENTWISE_FUNCTIONS, "min", "max", "mean", "sum", "norm", *MATRIX_OPS])
 ALLOWED_SYNTAX = "numbers, names, + - * / **, comparisons and and/or/not (inside where), and calls to " + ", ".join(
     FUNCTIONS
 )
@@ -336,6 +348,8 @@ class Builder:
         name = node.func.id
         if name not in FUNCTIONS:
             raise self.fail(node, f"unknown function '{name}'", suggest(name, FUNCTIONS))
+        if name in MATRIX_OPS:
+            return self._matrix_op(node, name)
         keywords = {}
         for keyword in node.keywords:
             if keyword.arg != "dim":
@@ -392,13 +406,14 @@ class Builder:
         except (OverflowError, ValueError):
             raise self.fail(node, f"{name}() of these constants is undefined or overflows in float64") from None
 
-    def _dim(self, node: ast.AST) -> int:
+    def _dim(self, node: ast.AST, also: str = "") -> int:
         if isinstance(node, ast.Name) and node.id == "all":
             return DIM_ALL
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
             if node.operand.value in (1, 2) and not isinstance(node.operand.value, bool):
                 return -node.operand.value
-        raise self.fail(node, "dim must be -1 (along rows), -2 (along columns) or all")
+        valid = "-1 (along rows), -2 (along columns)" + (f", {also}," if also else "") + " or all"
+        raise self.fail(node, f"dim must be {valid}")
 
     def _reduction(self, node: ast.Call, name: str, keywords: dict) -> tuple[sympy.Expr, Kind]:
         if "dim" not in keywords:
@@ -413,6 +428,59 @@ class Builder:
             raise self.fail(node, f"kind clash: cannot reduce a {kind} value over dim={dim_text}")
         function = REDUCTIONS[{"min": "amin", "max": "amax"}.get(name, name)]
         return function(operand, sympy.Integer(dim)), result
+
+    def _matrix_op(self, node: ast.Call, name: str) -> tuple[sympy.Expr, Kind]:
+        """``standardize(x, dim=D, eps=E)`` or ``whiten(x, steps=N, method=M, dtype=T)``: full → full."""
+        allowed = {"standardize": ("dim", "eps"), "whiten": ("steps", "method", "dtype")}[name]
+        signature = {
+            "standardize": "standardize(x, dim=-1|-2|long|all, eps=1e-8)",
+            "whiten": "whiten(x, steps=N, method=newton_schulz|quintic, dtype=float32|bfloat16)",
+        }[name]
+        if len(node.args) != 1:
+            raise self.fail(node, f"{name}() takes 1 positional argument, got {len(node.args)}", signature)
+        keywords: dict[str, ast.expr] = {}
+        for keyword in node.keywords:
+            if keyword.arg not in allowed:
+                what = "star arguments" if keyword.arg is None else f"keyword '{keyword.arg}'"
+                raise self.fail(keyword.value, f"{name}() takes no {what}", signature)
+            keywords[keyword.arg] = keyword.value
+        operand, kind = self.build(node.args[0])
+        if kind is not Kind.FULL:
+            raise self.fail(
+                node.args[0], f"kind clash: {name}() needs a full value (a matrix), got {kind}", "e.g. grad"
+            )
+        if name == "standardize":
+            if "dim" not in keywords:
+                raise self.fail(node, "standardize() needs dim=", signature)
+            dim_node = keywords["dim"]
+            long = isinstance(dim_node, ast.Name) and dim_node.id == "long"
+            dim = DIM_LONG if long else self._dim(dim_node, also="long (the longer of the last two dims)")
+            eps, eps_kind = (
+                self.build(keywords["eps"]) if "eps" in keywords else (number(DEFAULT_STANDARDIZE_EPS), Kind.HOST)
+            )
+            if eps_kind is not Kind.HOST:
+                raise self.fail(keywords["eps"], f"eps must be a number or hyperparameter expression, got a {eps_kind}")
+            if eps.is_Number and float(eps) <= 0:
+                raise self.fail(keywords["eps"], "eps must be positive (it guards a zero standard deviation)")
+            return STANDARDIZE(operand, sympy.Integer(dim), eps), Kind.FULL
+        if "steps" not in keywords:
+            raise self.fail(node, "whiten() needs steps=", signature)
+        steps_node = keywords["steps"]
+        steps = steps_node.value if isinstance(steps_node, ast.Constant) else None
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_WHITEN_STEPS:
+            raise self.fail(steps_node, f"steps must be a whole number from 1 to {MAX_WHITEN_STEPS}", "e.g. steps=5")
+        method = self._choice(keywords.get("method"), "method", WHITEN_METHODS)
+        dtype = self._choice(keywords.get("dtype"), "dtype", MATRIX_DTYPES)
+        return WHITEN(operand, sympy.Integer(steps), sympy.Integer(method), sympy.Integer(dtype)), Kind.FULL
+
+    def _choice(self, node: ast.expr | None, what: str, choices: tuple[str, ...]) -> int:
+        """A bare option name (``method=quintic``), never resolved as a spec name; the first is the default."""
+        if node is None:
+            return 0
+        if not isinstance(node, ast.Name) or node.id not in choices:
+            shown = node.id if isinstance(node, ast.Name) else describe(node)
+            raise self.fail(node, f"unknown {what} {shown!r}", f"{what} is one of: {', '.join(choices)}")
+        return choices.index(node.id)
 
 
 def build_expression(node: ast.expr, resolve: Resolver, where: Location) -> tuple[sympy.Expr, Kind]:
@@ -441,8 +509,14 @@ def kind_of(expr: sympy.Basic, kinds: dict[sympy.Symbol, Kind]) -> Kind:
         return Kind.HOST
     if isinstance(expr, sympy.Function) and expr.func in REDUCTIONS.values():
         return REDUCED_KIND[(kind_of(expr.args[0], kinds), int(expr.args[1]))]
+    if is_matrix_op(expr):
+        return Kind.FULL
     return join_kinds(*(kind_of(arg, kinds) for arg in expr.args))
 
 
 def free_names(tree: ast.AST) -> list[ast.Name]:
     return [node for node in ast.walk(tree) if isinstance(node, ast.Name)]
+
+
+def is_matrix_op(expr: sympy.Basic) -> bool:
+    return isinstance(expr, sympy.Function) and expr.func in MATRIX_OPS.values()

@@ -3,10 +3,11 @@
 1. Host hoisting: every subexpression that depends only on hyperparameters and the step (bias
    corrections, ``lr * weight_decay``) is pulled out of the element-wise work and computed once per
    parameter per step.
-2. Stages: the program is cut at reductions.  ``map`` stages are element-wise (they may read
-   rows/cols/scalar values, which broadcast); ``reduce`` stages produce rows/cols/scalar values.
-   ``matrix`` stages (whitening) arrive with the matrix primitives; backends dispatch on
-   ``Stage.op`` so adding one does not disturb the others.
+2. Stages: the program is cut at reductions and matrix primitives.  ``map`` stages are
+   element-wise (they may read rows/cols/scalar values, which broadcast); ``reduce`` stages produce
+   rows/cols/scalar values; ``matrix`` stages apply ``standardize``/``whiten`` to whole matrices
+   (their operands are symbols: element-wise work before and after stays in the map stages around
+   them).  Backends dispatch on ``Stage.op`` so adding one does not disturb the others.
 3. CSE (sympy.cse) per stage and over the host scalars.
 """
 
@@ -34,7 +35,7 @@ class Let:
 
 @dataclass
 class Stage:
-    op: str  # "map" | "reduce" | "stats" (recompute a value for its quantization maxima)
+    op: str  # "map" | "reduce" | "matrix" | "stats" (recompute a value for its quantization maxima)
     index: int
     lets: list[Let]
     inputs: list[sympy.Symbol] = field(default_factory=list)  # read from outside the stage
@@ -63,7 +64,16 @@ class Plan:
     def min_ndim(self) -> int:
         """Fewest dims a parameter needs: cols values need a matrix, rows values a vector."""
         kinds = set(self.kinds.values()) | {s.kind for s in self.spec.state}
-        return 2 if Kind.COLS in kinds else 1 if Kind.ROWS in kinds else 0
+        if Kind.COLS in kinds or any(stage.op == "matrix" for stage in self.stages):
+            return 2
+        return 1 if Kind.ROWS in kinds else 0
+
+    @property
+    def shard_local(self) -> bool:
+        """Whether each shard of a sharded parameter can step on its own: element-wise work and
+        block-wise quantization only (no reductions, matrix stages, rank-1 or per-tensor scales)."""
+        whole_tensor = any(s.store.quant and s.store.quant.normalize != "block" for s in self.spec.state)
+        return not whole_tensor and all(stage.op == "map" for stage in self.stages)
 
     @property
     def host_symbols(self) -> list[sympy.Symbol]:
@@ -85,6 +95,8 @@ class _Planner:
         self.host_names = (sympy.Symbol(f"h{i}") for i in itertools.count() if f"h{i}" not in taken)
         self.temp_names = (sympy.Symbol(f"t{i}") for i in itertools.count() if f"t{i}" not in taken)
         self.reduce_names = (sympy.Symbol(f"r{i}") for i in itertools.count() if f"r{i}" not in taken)
+        self.matrix_names = (sympy.Symbol(f"x{i}") for i in itertools.count() if f"x{i}" not in taken)
+        self.matrix_values: dict[sympy.Expr, sympy.Symbol] = {}  # one matrix op computed once
         self.host: list[Let] = []
         self.hoisted: dict[sympy.Expr, sympy.Symbol] = {}
 
@@ -95,7 +107,10 @@ class _Planner:
                 self.host.append(Let(assignment.symbol, assignment.expr, Kind.HOST, assignment.text))
                 continue
             expr = self.hoist(assignment.expr)
-            expr = self.extract_reductions(expr, items)
+            if E.is_matrix_op(expr):  # `u = whiten(...)`: the matrix stage writes u itself
+                expr = self.matrix_call(expr, items)
+            else:
+                expr = self.extract_reductions(expr, items)
             items.append(Let(assignment.symbol, expr, self.kinds[assignment.symbol], assignment.text))
         stages = self.cut(items)
         self.host = cse_lets(self.host, self.temp_names, self.kinds)
@@ -165,7 +180,25 @@ class _Planner:
         return expr.func(*(self.hoist(a) for a in expr.args))
 
     # -- stages --------------------------------------------------------------------------------
+    def matrix_call(self, expr: sympy.Function, items: list[Let]) -> sympy.Function:
+        """The matrix op with its operand made a symbol (computed by a map let first if needed)."""
+        operand = self.extract_reductions(expr.args[0], items)
+        if not isinstance(operand, sympy.Symbol):
+            symbol = next(self.temp_names)
+            self.kinds[symbol] = self.kind(operand)
+            items.append(Let(symbol, operand, self.kinds[symbol]))
+            operand = symbol
+        return expr.func(operand, *expr.args[1:])
+
     def extract_reductions(self, expr: sympy.Basic, items: list[Let]) -> sympy.Basic:
+        """Pull reductions and matrix ops out of ``expr`` into their own lets; returns what is left."""
+        if E.is_matrix_op(expr):
+            call = self.matrix_call(expr, items)
+            if call not in self.matrix_values:
+                symbol = self.matrix_values[call] = next(self.matrix_names)
+                self.kinds[symbol] = Kind.FULL
+                items.append(Let(symbol, call, Kind.FULL))
+            return self.matrix_values[call]
         if isinstance(expr, sympy.Function) and expr.func in E.REDUCTIONS.values():
             operand = self.extract_reductions(expr.args[0], items)
             symbol = next(self.reduce_names)
@@ -179,8 +212,8 @@ class _Planner:
     def cut(self, items: list[Let]) -> list[Stage]:
         stages: list[Stage] = []
         for let in items:
-            op = "reduce" if let.comment == "reduce" else "map"
-            if stages and stages[-1].op == op == "map":
+            op = "reduce" if let.comment == "reduce" else "matrix" if E.is_matrix_op(let.expr) else "map"
+            if stages and stages[-1].op == op and op in ("map", "matrix"):
                 stages[-1].lets.append(let)
             else:
                 stages.append(Stage(op, len(stages), [let]))

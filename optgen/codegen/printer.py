@@ -120,8 +120,19 @@ class TextPrinter:
             dim = int(e.args[1])
             name = {"amax": "max", "amin": "min"}.get(str(e.func), str(e.func))
             return f"{name}({self.p(e.args[0])[0]}, dim={'all' if dim == E.DIM_ALL else dim})", _PREC_ATOM
+        if E.is_matrix_op(e):
+            return self.matrix_op(e), _PREC_ATOM
         name = {sympy.Abs: "abs", sympy.Min: "min", sympy.Max: "max"}.get(e.func, str(e.func))
         return self.function(name, list(e.args)), _PREC_ATOM
+
+    def matrix_op(self, e: sympy.Function) -> str:
+        """Spec syntax; the torch printer passes the same options to optgen.runtime.matrix."""
+        x = self.p(e.args[0])[0]
+        if e.func == E.STANDARDIZE:
+            dim = {E.DIM_ALL: "all", E.DIM_LONG: "long"}.get(int(e.args[1]), int(e.args[1]))
+            return f"standardize({x}, dim={dim}, eps={self.p(e.args[2])[0]})"
+        steps, method, dtype = (int(a) for a in e.args[1:])
+        return f"whiten({x}, steps={steps}, method={E.WHITEN_METHODS[method]}, dtype={E.MATRIX_DTYPES[dtype]})"
 
 
 class TorchPrinter(TextPrinter):
@@ -147,6 +158,8 @@ class TorchPrinter(TextPrinter):
             if str(e.func) == "norm":
                 return f"torch.linalg.vector_norm({operand}{', ' + keep if keep else ''})", _PREC_ATOM
             return f"{operand}.{e.func}({keep})", _PREC_ATOM
+        if E.is_matrix_op(e):
+            return self.matrix_op(e), _PREC_ATOM
         if e.func in (sympy.Min, sympy.Max):
             return self.min_max(e), _PREC_ATOM
         if e.func == E.WHERE:
@@ -154,6 +167,14 @@ class TorchPrinter(TextPrinter):
             return f"torch.where({self.p(cond)[0]}, {self.p(a)[0]}, {self.p(b)[0]})", _PREC_ATOM
         name = {sympy.Abs: "abs"}.get(e.func, str(e.func))
         return self.function(name, list(e.args)), _PREC_ATOM
+
+    def matrix_op(self, e: sympy.Function) -> str:
+        x = self.p(e.args[0])[0]
+        if e.func == E.STANDARDIZE:
+            dim = {E.DIM_ALL: "None", E.DIM_LONG: '"long"'}.get(int(e.args[1]), int(e.args[1]))
+            return f"standardize({x}, dim={dim}, eps={self.p(e.args[2])[0]})"
+        steps, method, dtype = (int(a) for a in e.args[1:])
+        return f'whiten({x}, steps={steps}, method="{E.WHITEN_METHODS[method]}", dtype=torch.{E.MATRIX_DTYPES[dtype]})'
 
     def min_max(self, e: sympy.Basic) -> str:
         # torch.minimum/maximum need tensors; a constant bound becomes clamp(min=/max=).

@@ -56,7 +56,7 @@ RESERVED = {
     *("load", "store", "quantized_or_float", "init_state", "update", "QuantScheme", "SCHEMES", "STATE_DTYPES"),
     *("GeneratedOptimizer", "Hyper", "Program"),
 }
-_GENERATED_NAME = re.compile(r"^(map|reduce|stats|takes|torch)_\w*$|^[htr]\d+$")
+_GENERATED_NAME = re.compile(r"^(map|reduce|stats|matrix|takes|torch)_\w*$|^[htr]\d+$")
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?inf$")
 

@@ -18,11 +18,17 @@ from typing import Any, ClassVar
 
 import torch
 
+from optgen.runtime import distributed
 from optgen.runtime.state import QuantizedState
 
 # "auto" picks per parameter: triton for CUDA tensors, mlir for CPU tensors, where the package has
-# that backend's kernels for the spec; torch otherwise, and always inside torch.compile (traceable).
+# that backend's kernels for the spec; torch otherwise. Inside torch.compile CPU tensors use torch
+# (traceable) and CUDA tensors keep triton (its kernels are torch.library custom ops).
 BACKENDS = ("auto", "torch", "inductor", "mlir", "triton")
+# Param-group key that overrides applies_to for a group: "auto" (the default: each parameter goes
+# to the first routed spec whose applies_to holds), "fallback" (the last spec of the routing chain,
+# which takes everything), or the name of a spec on the chain.  optgen.param_groups sets it.
+ROUTE_KEY = "route"
 # Param-group keys torch.optim optimizers save (a user's own group keys are kept untouched).
 _TORCH_KEYS = {"foreach", "fused", "capturable", "differentiable", "amsgrad", "decoupled_weight_decay", "nesterov"}
 
@@ -80,8 +86,10 @@ class Program:
     applies_to: Callable[[int, int], bool] | None  # (ndim, numel) -> takes it; None: every parameter
     hyper_keys: dict[str, str]  # spec hyper name -> param_group key
     state_keys: dict[str, str]  # spec state name -> state_dict key
+    state_kinds: dict[str, str]  # state_dict key -> kind ("full", "rows", "cols", "scalar")
     kernels: dict[str, str]  # backend -> kernels module name inside ``package``
     package: str = ""
+    shard_local: bool = True  # shards step on their own; else whole-tensor statistics are all-reduced
     min_ndim: int = 0  # rows/cols values need parameters with this many dims
     _modules: dict[str, ModuleType] = field(default_factory=dict, compare=False, repr=False)
 
@@ -115,9 +123,16 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         for hyper in self.hypers:
             hyper.check(group[hyper.key])
+        routes = ("auto", "fallback", *(program.name for program in self.programs))
+        if group.get(ROUTE_KEY, "auto") not in routes:
+            raise ValueError(f"invalid {ROUTE_KEY}={group[ROUTE_KEY]!r} in a param group; valid: {', '.join(routes)}")
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters")
+        if self.backend == "triton" or (self.backend == "auto" and any(p.is_cuda for p in group["params"])):
+            for program in self.programs:  # its custom ops must exist before a torch.compile trace
+                if "triton" in program.kernels:
+                    program.module("triton")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -133,22 +148,40 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                program = self._program_for(param)
+                program = self._program_for(param, group)
                 hyper = tensors.get(program.name)
                 if hyper is None:
                     hyper = tensors[program.name] = self._hyper_tensors(group, program)
-                state = self.state[param]
-                if not state:
-                    if param.ndim < program.min_ndim:
-                        raise ValueError(
-                            f"{type(self).__name__} ({program.name}) needs parameters with at least {program.min_ndim} "
-                            f"dims, got shape {tuple(param.shape)}; route smaller ones with applies_to/otherwise"
-                        )
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state.update(program.module("torch").init_state(param, hyper))
-                state["step"] += 1
-                self._kernel(program, param)(param, grad, state, hyper)
+                sharding = distributed.sharding_of(param)
+                if sharding is None:
+                    self._step_one(program, param, grad, hyper, None)
+                else:  # statistics of the whole tensor are all-reduced inside the kernels
+                    with distributed.sharded(sharding):
+                        self._step_one(program, param, grad, hyper, sharding)
         return loss
+
+    def _step_one(self, program: Program, param, grad, hyper, sharding) -> None:
+        # A sharded (DTensor) parameter: the kernels see this rank's shard and local state.
+        local_param = distributed.local(param)
+        state = self.state[param]
+        if not state:
+            if param.ndim < program.min_ndim:
+                raise ValueError(
+                    f"{type(self).__name__} ({program.name}) needs parameters with at least {program.min_ndim} "
+                    f"dims, got shape {tuple(param.shape)}; route smaller ones with applies_to/otherwise"
+                )
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            fresh = program.module("torch").init_state(local_param, hyper)
+            if sharding is not None:
+                fresh = {
+                    k: distributed.as_dtensor(v, program.state_kinds[k], sharding) if isinstance(v, torch.Tensor) else v
+                    for k, v in fresh.items()
+                }
+            state.update(fresh)
+        state["step"] += 1
+        if sharding is not None:
+            state = {k: distributed.local(v) for k, v in state.items()}
+        self._kernel(program, local_param)(local_param, distributed.local(grad), state, hyper)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating state to the parameter's dtype; ours has the dtype its spec stores,
@@ -156,18 +189,18 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         saved = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         super().load_state_dict(state_dict)
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        for saved_id, param in zip(saved_ids, params):
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for saved_id, (param, group) in zip(saved_ids, params):
             if saved_id not in saved:
                 continue
-            program = self._program_for(param)
+            program = self._program_for(param, group)
             state = self.state[param]
             missing = [k for k in program.state_keys.values() if k not in saved[saved_id]]
             if missing:
                 raise KeyError(f"state_dict has no {', '.join(missing)} for a parameter of shape {tuple(param.shape)}")
             for key, value in saved[saved_id].items():
                 if QuantizedState.is_saved(value):
-                    state[key] = QuantizedState.from_saved(value, param.device)
+                    state[key] = QuantizedState.from_saved(distributed.loaded_quantized(value, param), param.device)
                 elif isinstance(value, torch.Tensor) and key != "step":
                     state[key] = value.detach().to(device=param.device, copy=True)
             if not isinstance(state.get("step"), torch.Tensor):
@@ -185,7 +218,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         # A torch.optim checkpoint brings its own group keys (foreach, fused, amsgrad, ...). Ones
         # that are off change nothing and are dropped; one that is on may ask for behaviour the
         # spec does not have, so say so (the spec's update is what runs).
-        known = {h.key for h in self.hypers} | {"params"}
+        known = {h.key for h in self.hypers} | {"params", ROUTE_KEY}
         for group in self.param_groups:
             for key in [k for k in group if k not in known]:
                 if group[key] in (None, False, 0):
@@ -202,10 +235,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's format; quantized state is saved as plain tensors (codes, scales) + scheme."""
         saved = super().state_dict()
-        saved["state"] = {
-            index: {k: v.to_saved() if isinstance(v, QuantizedState) else v for k, v in state.items()}
-            for index, state in saved["state"].items()
-        }
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))  # index -> param
+        for index, live in saved["state"].items():
+            state = saved["state"][index] = dict(live)  # torch hands out the live dicts
+            sharding = distributed.sharding_of(params[index])
+            for key, value in state.items():
+                if isinstance(value, QuantizedState):
+                    state[key] = value.to_saved()
+                    if sharding is not None:  # DTensors over the whole tensor, so DCP can reshard
+                        state[key] = distributed.saved_quantized(state[key], sharding, value.shape)
         return saved
 
     def state_bytes(self) -> int:
@@ -220,7 +258,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         return total
 
     # -- internals -------------------------------------------------------------------------------
-    def _program_for(self, param: torch.Tensor) -> Program:
+    def _program_for(self, param: torch.Tensor, group: dict[str, Any]) -> Program:
+        route = group.get(ROUTE_KEY, "auto")
+        if route == "fallback":
+            return self.programs[-1]
+        if route != "auto":
+            return next(program for program in self.programs if program.name == route)
         for program in self.programs:
             if program.takes(param):
                 return program
@@ -242,8 +285,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
 
     def _kernel(self, program: Program, param: torch.Tensor) -> Callable:
         backend = self._backend_for(program, param)
-        if backend == "torch" and torch.compiler.is_compiling():
-            return program.module("torch").update
+        if backend in ("torch", "triton") and torch.compiler.is_compiling():
+            return program.module(backend).update
         key = (program.name, backend)
         if key not in self._updates:
             if backend == "inductor":
@@ -254,9 +297,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
 
     def _backend_for(self, program: Program, param: torch.Tensor) -> str:
         if self.backend == "auto":
-            if torch.compiler.is_compiling():
-                return "torch"
             preferred = "triton" if param.is_cuda else "mlir"
+            if torch.compiler.is_compiling() and preferred != "triton":
+                return "torch"  # traceable; the triton kernels are custom ops, which trace as one op each
+            if not program.shard_local and distributed.current() is not None:
+                return "torch"  # its runtime helpers all-reduce whole-tensor statistics across shards
             return preferred if preferred in program.kernels else "torch"
         if self.backend != "inductor" and self.backend not in program.kernels:
             raise RuntimeError(

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from optgen.codegen.quant import QuantScheme
+from optgen.runtime import distributed
 from optgen.runtime.state import QuantizedState
 
 __all__ = ["QuantScheme", "QuantizedState", "dequantize", "load", "quantize_", "quantized_or_float", "store"]
@@ -31,7 +32,7 @@ def zeros(param: torch.Tensor, scheme: QuantScheme) -> QuantizedState:
 
 def quantized_or_float(value: torch.Tensor, scheme: QuantScheme, numel_at_most: int) -> torch.Tensor | QuantizedState:
     """Fresh state: ``value`` itself for small tensors (keep_full_precision), else quantized."""
-    if value.numel() <= numel_at_most:
+    if distributed.global_numel(value) <= numel_at_most:  # a shard's decision is its whole tensor's
         return value
     state = zeros(value, scheme)
     quantize_(state, value)
@@ -106,9 +107,8 @@ def new_scales(state: QuantizedState, x: torch.Tensor) -> torch.Tensor:
             flat = torch.cat([flat, flat.new_zeros(pad)])
         return flat.view(-1, block).amax(dim=1)
     if normalize == "tensor":
-        return magnitude.amax().reshape(1)
-    dims = range(magnitude.ndim)
-    return torch.cat([magnitude.amax(dim=[d for d in dims if d != keep]) for keep in dims])
+        return distributed.all_reduce_max_(magnitude.amax().reshape(1))
+    return torch.cat(distributed.rank1_maxima(magnitude))
 
 
 def quantize_(state: QuantizedState, x: torch.Tensor) -> None:

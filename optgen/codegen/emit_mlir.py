@@ -1,0 +1,669 @@
+"""MLIR backend: a plan → a kernels module whose stages are MLIR functions (linalg / scf over memrefs).
+
+Each variant (parameter dtype, and for rank-1 stores whether the tensor has >= 2 dims) is one MLIR
+module; ``optgen.runtime.mlir_jit`` lowers it to LLVM, JIT-compiles it once per process and calls
+it on torch tensors in place, split across threads.  Element-wise math is float32 whatever the
+storage dtype (bf16 is extended on load and truncated to nearest even on store).  Host scalars are
+computed in Python (float64, like the torch kernels' 0-d tensors) and passed as f32 arguments, so a
+new learning rate never recompiles anything.
+
+Unquantized plans: each ``map`` stage is one ``linalg.generic`` over 1-D memrefs (the tensors'
+storage, flattened), updating param and state in place.  Quantized plans: a ``map`` stage is an scf
+loop over super-blocks (a whole number of every block-wise store's blocks): dequantize, update,
+keep the new block-wise values in a stack buffer, then per block absmax → scale, nearest code by
+midpoint search, pack, write.  Rank-1 / per-tensor stores get their new scales from the plan's
+``stats`` stage, which recomputes the value and reduces its row / column (or total) maxima.
+
+Plans this backend cannot run (reductions, rows/cols values, other stage ops) get no MLIR module
+(``emit_mlir`` returns None) and run on the torch kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import sympy
+
+from optgen.codegen import expr as E
+from optgen.codegen.emit_torch import _scheme_literal
+from optgen.codegen.expr import Kind
+from optgen.codegen.plan import Plan, Stage
+from optgen.codegen.printer import TextPrinter
+from optgen.codegen.quant import QuantScheme, midpoints
+from optgen.codegen.templates import render
+
+MLIR_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+PARAM_DTYPES = ("float32", "bfloat16")
+MAX_SUPERBLOCK = 4096  # elements kept on the stack per block-wise quantized state
+_TENSORS = ("param", "grad")
+_RELATIONS = {sympy.Eq: "oeq", sympy.Ne: "une", sympy.Lt: "olt", sympy.Le: "ole", sympy.Gt: "ogt", sympy.Ge: "oge"}
+
+
+class Unsupported(Exception):
+    """A plan feature this backend does not lower (the torch kernels run that plan)."""
+
+
+def emit_mlir(plan: Plan, header: str) -> str | None:
+    try:
+        program = _Program(plan)
+        variants = {key: program.module(*key) for key in program.variant_keys()}
+    except Unsupported:
+        return None
+    return render(
+        "mlir/kernels.py.j2",
+        header=header,
+        class_name=plan.spec.class_name,
+        spec_name=plan.spec.name,
+        variants=[(f"{dtype}-{layout}", text) for (dtype, layout), text in variants.items()],
+        schemes=[(key, _scheme_literal(scheme)) for key, scheme in program.quantized_keys.items()],
+        superblocks={layout: program.superblock(layout) for layout in program.layouts},
+        unpack_lines=program.unpack_lines(),
+        host_lines=program.host_lines(),
+        stages=program.stage_rows(),
+        scalar_names=program.scalar_names,
+    )
+
+
+def mlir_modules(plan: Plan) -> dict[str, str]:
+    """Variant name → MLIR text (what ``optgen show --mlir`` prints); empty when unsupported."""
+    try:
+        program = _Program(plan)
+        return {f"{d}-{layout}": program.module(d, layout) for d, layout in program.variant_keys()}
+    except Unsupported as error:
+        return {"unsupported": f"// the MLIR backend does not run this plan: {error}"}
+
+
+# -- plan analysis ---------------------------------------------------------------------------------
+@dataclass
+class _Program:
+    plan: Plan
+    state_by_symbol: dict = field(init=False)
+    quantized_keys: dict = field(init=False)  # saved_as -> QuantScheme
+    scalar_names: list = field(init=False)  # every host symbol / hyperparameter a stage reads
+    layouts: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        spec = self.plan.spec
+        self.state_by_symbol = {sympy.Symbol(s.name): s for s in spec.state}
+        self.quantized_keys = {s.saved_as: s.store.quant for s in spec.state if s.store.quant}
+        if len(set(self.plan.outputs.values())) != len(self.plan.outputs):
+            raise Unsupported("two outputs share one value")
+        for s in spec.state:
+            if s.kind is not Kind.FULL:
+                raise Unsupported(f"state {s.name} is {s.kind}")
+            if s.store.quant and s.store.quant.normalize == "block" and s.store.quant.block % 2:
+                raise Unsupported("odd block size")
+        maps = [st for st in self.plan.stages if st.op == "map"]
+        if len(maps) != 1 or any(st.op not in ("map", "stats") for st in self.plan.stages):
+            raise Unsupported("only a single map stage (plus stats) is lowered")
+        scalars = set()
+        for stage in self.plan.stages:
+            for let in stage.lets:
+                if let.kind is not Kind.FULL and let.kind is not Kind.HOST:
+                    raise Unsupported(f"{let.symbol} is {let.kind}")
+            for symbol in stage.inputs:
+                if not self.is_tensor(symbol):
+                    if self.plan.kinds.get(symbol, Kind.HOST) is not Kind.HOST:
+                        raise Unsupported(f"input {symbol} is not a tensor or host value")
+                    scalars.add(str(symbol))
+        self.scalar_names = sorted(scalars)
+        rank1 = any(q.normalize == "rank1" for q in self.quantized_keys.values())
+        self.layouts = ("nd", "flat") if rank1 else ("any",)
+
+    def is_tensor(self, symbol: sympy.Symbol) -> bool:
+        return str(symbol) in _TENSORS or symbol in self.state_by_symbol
+
+    def key(self, symbol: sympy.Symbol) -> str:
+        return str(symbol) if str(symbol) in _TENSORS else self.state_by_symbol[symbol].saved_as
+
+    def variant_keys(self) -> list[tuple[str, str]]:
+        return [(dtype, layout) for dtype in PARAM_DTYPES for layout in self.layouts]
+
+    def storage_type(self, key: str, param_dtype: str) -> str:
+        if key in _TENSORS:
+            return MLIR_TYPES[param_dtype]
+        state = next(s for s in self.plan.spec.state if s.saved_as == key)
+        return MLIR_TYPES[state.store.dtype]
+
+    def layout_of(self, key: str, layout: str) -> tuple[str, int]:
+        scheme = self.quantized_keys[key]
+        return scheme.layout((2, 2) if layout == "nd" else (4,))
+
+    def reads(self, stage: Stage) -> list[str]:
+        return [self.key(s) for s in sorted(stage.inputs, key=self._order) if self.is_tensor(s)]
+
+    def stores(self, stage: Stage) -> list[tuple[str, sympy.Symbol]]:
+        """(tensor key, symbol with its new value) for each tensor the stage writes."""
+        if stage.op == "stats":
+            return []
+        names = {symbol: name for name, symbol in self.plan.outputs.items()}
+        saved = {s.name: s.saved_as for s in self.plan.spec.state}
+        return [(saved.get(names[s], "param"), s) for s in stage.outputs if s in names]
+
+    def writes(self, stage: Stage) -> list[str]:
+        return [key for key, _ in self.stores(stage)]
+
+    def tensors(self, stage: Stage) -> list[str]:
+        reads = self.reads(stage)
+        return reads + [w for w in self.writes(stage) if w not in reads]
+
+    def _order(self, symbol: sympy.Symbol) -> tuple:
+        name = str(symbol)
+        return (_TENSORS.index(name) if name in _TENSORS else 2, name)
+
+    def stats_target(self, stage: Stage) -> str:
+        symbol = stage.outputs[0]
+        return next(self.key(s) for s in self.state_by_symbol if self.plan.outputs[str(s)] == symbol)
+
+    def superblock(self, layout: str) -> int:
+        """Elements per outer iteration: a whole number of every block-wise store's blocks."""
+        blocks = [b for norm, b in (self.layout_of(k, layout) for k in self.quantized_keys) if norm == "block"]
+        size = math.lcm(*blocks) if blocks else 1024
+        if size > MAX_SUPERBLOCK:
+            raise Unsupported("block sizes too large together")
+        return size
+
+    # -- Python side of the module -----------------------------------------------------------------
+    def unpack_lines(self) -> list[str]:
+        reads = set(self.scalar_names) | {str(s) for let in self.plan.host for s in let.expr.free_symbols}
+        lines = []
+        for h in self.plan.spec.hypers:
+            if any(n in reads for n in h.names):
+                if h.is_tuple:
+                    lines.append(f'{", ".join(h.names)} = map(np.float64, hyper["{h.name}"])')
+                else:
+                    lines.append(f'{h.name} = np.float64(hyper["{h.name}"])')
+        return lines
+
+    def host_lines(self) -> list[str]:
+        printer = HostPrinter()
+        return [f"{let.symbol} = {printer.doprint(let.expr)}" for let in self.plan.host]
+
+    def stage_rows(self) -> list[dict]:
+        rows = []
+        for stage in self.plan.stages:
+            used = {str(s) for s in stage.inputs} & set(self.scalar_names)
+            rows.append(
+                {
+                    "name": stage.name,
+                    "op": stage.op,
+                    "tensors": self.tensors(stage),
+                    "writes": self.writes(stage),
+                    "scalars": [n for n in self.scalar_names if n in used],
+                    "target": self.stats_target(stage) if stage.op == "stats" else None,
+                }
+            )
+        return rows
+
+    # -- MLIR side ---------------------------------------------------------------------------------
+    def module(self, dtype: str, layout: str) -> str:
+        functions, globals_ = [], {}
+        for stage in self.plan.stages:
+            if not self.quantized_keys:
+                functions.append(_linalg_map(self, stage, dtype))
+            else:
+                function = _quantized_stage(self, stage, dtype, layout, globals_)
+                if function is not None:
+                    functions.append(function)
+        return render("mlir/module.mlir.j2", globals=list(globals_.values()), functions=functions)
+
+
+class HostPrinter(TextPrinter):
+    """Host lines as numpy float64 code (IEEE semantics like torch's 0-d float64 tensors)."""
+
+    def boolean(self, value: bool) -> str:
+        return f"np.bool_({value})"
+
+    def function(self, name: str, args: list[sympy.Basic]) -> str:
+        return f"np.{name}({', '.join(self.p(a)[0] for a in args)})"
+
+    def call(self, e: sympy.Basic) -> tuple[str, int]:
+        if e.func == E.WHERE:
+            return self.function("where", list(e.args)), 5
+        if e.func in (sympy.Min, sympy.Max):
+            text = self.p(e.args[0])[0]
+            for other in e.args[1:]:
+                text = f"np.{'minimum' if e.func is sympy.Min else 'maximum'}({text}, {self.p(other)[0]})"
+            return text, 5
+        if e.func in E.REDUCTIONS.values():
+            raise Unsupported("reduction in host code")
+        return super().call(e)
+
+
+# -- scalar code -----------------------------------------------------------------------------------
+def f32_literal(value: float) -> str:
+    """An exact f32 attribute: the hex bit pattern of the float32 nearest ``value``."""
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    return f"0x{bits:08X}"
+
+
+class Body:
+    """SSA lines of one function body, with a counter for fresh names and a constant cache."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.count = 0
+        self.consts: dict[tuple[str, str], str] = {}
+
+    def op(self, text: str, indent: int = 2) -> str:
+        name = f"%v{self.count}"
+        self.count += 1
+        self.lines.append("  " * indent + f"{name} = {text}")
+        return name
+
+    def raw(self, text: str, indent: int = 2) -> None:
+        self.lines.append("  " * indent + text)
+
+    def f32(self, value: float) -> str:
+        return self.const(f32_literal(float(value)), "f32")
+
+    def index(self, value: int) -> str:
+        return self.const(str(value), "index")
+
+    def const(self, text: str, type_: str) -> str:
+        if (text, type_) not in self.consts:
+            name = f"%c{len(self.consts)}"
+            self.consts[(text, type_)] = name
+            self.lines.insert(0, f"    {name} = arith.constant {text} : {type_}")
+        return self.consts[(text, type_)]
+
+
+class Lowering:
+    """sympy → f32 arith/math ops, in the order the torch printer evaluates (same roundings)."""
+
+    def __init__(self, body: Body, env: dict[sympy.Symbol, str], indent: int):
+        self.body, self.env, self.indent = body, env, indent
+
+    def op(self, text: str) -> str:
+        return self.body.op(text, self.indent)
+
+    def lets(self, lets) -> None:
+        for let in lets:
+            self.env[let.symbol] = self.value(let.expr)
+
+    def value(self, e: sympy.Basic) -> str:
+        if isinstance(e, sympy.Symbol):
+            return self.env[e]
+        if e.is_Number:
+            return self.body.f32(float(e))
+        if isinstance(e, sympy.Add):
+            return self.add(e)
+        if isinstance(e, sympy.Mul):
+            return self.mul(e)
+        if isinstance(e, sympy.Pow):
+            return self.pow(e)
+        if e.func == E.WHERE:
+            cond, a, b = e.args
+            return self.op(f"arith.select {self.condition(cond)}, {self.value(a)}, {self.value(b)} : f32")
+        if e.func in (sympy.Min, sympy.Max):
+            numbers = [a for a in e.args if a.is_Number]
+            others = [a for a in e.args if not a.is_Number]
+            name = "minimumf" if e.func is sympy.Min else "maximumf"
+            out = self.value(others[0])
+            for other in [*others[1:], *numbers]:
+                out = self.op(f"arith.{name} {out}, {self.value(other)} : f32")
+            return out
+        if e.func is sympy.Abs:
+            return self.op(f"math.absf {self.value(e.args[0])} : f32")
+        if e.func is sympy.sign:
+            x = self.value(e.args[0])
+            zero, one = self.body.f32(0.0), self.body.f32(1.0)
+            positive = self.op(f"arith.cmpf ogt, {x}, {zero} : f32")
+            negative = self.op(f"arith.cmpf olt, {x}, {zero} : f32")
+            minus = self.body.f32(-1.0)
+            inner = self.op(f"arith.select {negative}, {minus}, {self.op(f'arith.mulf {x}, {zero} : f32')} : f32")
+            return self.op(f"arith.select {positive}, {one}, {inner} : f32")
+        if e.func is sympy.exp:
+            return self.op(f"math.exp {self.value(e.args[0])} : f32")
+        if e.func is sympy.log:
+            return self.op(f"math.log {self.value(e.args[0])} : f32")
+        raise Unsupported(f"no MLIR lowering for {e.func}")
+
+    def add(self, e: sympy.Add) -> str:
+        def negative(a: sympy.Basic) -> bool:
+            coeff = a.as_coeff_Mul()[0]
+            return bool(coeff.is_Number and coeff < 0)
+
+        terms = sorted(e.args, key=lambda a: (negative(a), not a.is_Number, sympy.default_sort_key(a)))
+        out = None
+        for term in terms:
+            minus = negative(term)
+            value = self.value(-term if minus else term)
+            if out is None:
+                out = self.op(f"arith.negf {value} : f32") if minus else value
+            else:
+                out = self.op(f"arith.{'subf' if minus else 'addf'} {out}, {value} : f32")
+        return out
+
+    def mul(self, e: sympy.Mul) -> str:
+        coeff, _ = e.as_coeff_Mul()
+        if coeff.is_Number and coeff < 0:
+            return self.op(f"arith.negf {self.value(-e)} : f32")
+        numer, denom = [], []
+        for factor in sympy.Mul.make_args(e):
+            if factor.is_Rational and not factor.is_Integer:
+                if factor.p != 1:
+                    numer.append(sympy.Integer(factor.p))
+                denom.append(sympy.Integer(factor.q))
+            elif isinstance(factor, sympy.Pow) and factor.exp.is_Number and factor.exp < 0:
+                denom.append(sympy.Pow(factor.base, -factor.exp))
+            else:
+                numer.append(factor)
+        out = self.product(numer) if numer else self.body.f32(1.0)
+        if denom:
+            out = self.op(f"arith.divf {out}, {self.product(denom)} : f32")
+        return out
+
+    def product(self, factors: list) -> str:
+        out = self.value(factors[0])
+        for f in factors[1:]:
+            out = self.op(f"arith.mulf {out}, {self.value(f)} : f32")
+        return out
+
+    def pow(self, e: sympy.Pow) -> str:
+        base, exp = e.args
+        if exp == sympy.Rational(1, 2):
+            return self.op(f"math.sqrt {self.value(base)} : f32")
+        if exp.is_Number and exp < 0:
+            return self.op(f"arith.divf {self.body.f32(1.0)}, {self.value(sympy.Pow(base, -exp))} : f32")
+        x = self.value(base)
+        if exp == 2:  # torch's pow(x, 2) is x * x
+            return self.op(f"arith.mulf {x}, {x} : f32")
+        if exp == 3:
+            return self.op(f"arith.mulf {self.op(f'arith.mulf {x}, {x} : f32')}, {x} : f32")
+        return self.op(f"math.powf {x}, {self.value(exp)} : f32")
+
+    def condition(self, c: sympy.Basic) -> str:
+        if isinstance(c, sympy.Symbol) or c.is_Number:  # host flags arrive as 0.0 / 1.0
+            return self.op(f"arith.cmpf une, {self.value(c)}, {self.body.f32(0.0)} : f32")
+        if c is sympy.true or c is sympy.false:
+            return self.body.const("true" if c is sympy.true else "false", "i1")
+        if type(c) in _RELATIONS:
+            a, b = (self.value(x) for x in c.args)
+            return self.op(f"arith.cmpf {_RELATIONS[type(c)]}, {a}, {b} : f32")
+        if isinstance(c, (sympy.And, sympy.Or)):
+            out = self.condition(c.args[0])
+            for other in c.args[1:]:
+                out = self.op(
+                    f"arith.{'andi' if isinstance(c, sympy.And) else 'ori'} {out}, {self.condition(other)} : i1"
+                )
+            return out
+        if isinstance(c, sympy.Not):
+            return self.op(f"arith.xori {self.condition(c.args[0])}, {self.body.const('true', 'i1')} : i1")
+        raise Unsupported(f"no MLIR lowering for condition {c.func}")
+
+
+# -- functions -------------------------------------------------------------------------------------
+def _linalg_map(program: _Program, stage: Stage, dtype: str) -> dict:
+    """An unquantized map stage: one linalg.generic over the flattened tensors, in place."""
+    reads, writes = program.reads(stage), program.writes(stage)
+    names = program.tensors(stage)
+    types = {k: program.storage_type(k, dtype) for k in names}
+    scalars = [n for n in program.stage_rows()[stage.index]["scalars"]]
+    body = Body()
+    env = {sympy.Symbol(n): f"%{n}" for n in scalars}
+    args_in = [f"%in_{k}" for k in reads]
+    args_out = [f"%out_{k}" for k in writes]
+    for k, arg in zip(reads, args_in):
+        symbol = next(s for s in stage.inputs if program.is_tensor(s) and program.key(s) == k)
+        env[symbol] = arg if types[k] == "f32" else body.op(f"arith.extf {arg} : {types[k]} to f32", 3)
+    Lowering(body, env, 3).lets(stage.lets)
+    yields = []
+    for k, symbol in program.stores(stage):
+        value = env[symbol]
+        yields.append(value if types[k] == "f32" else body.op(f"arith.truncf {value} : f32 to {types[k]}", 3))
+    consts = [line for line in body.lines if " = arith.constant " in line]
+    lines = [line for line in body.lines if line not in consts]
+    count = len(reads) + len(writes)
+    return {
+        "kind": "linalg",
+        "name": stage.name,
+        "doc": _doc(stage),
+        "args": [f"%{k}: memref<?x{types[k]}>" for k in names] + [f"%{n}: f32" for n in scalars],
+        "maps": ", ".join(["#id"] * count),
+        "ins": ", ".join(f"%{k}" for k in reads),
+        "in_types": ", ".join(f"memref<?x{types[k]}>" for k in reads),
+        "outs": ", ".join(f"%{k}" for k in writes),
+        "out_types": ", ".join(f"memref<?x{types[k]}>" for k in writes),
+        "block_args": ", ".join(f"{a}: {types[k]}" for a, k in zip(args_in + args_out, reads + writes)),
+        "consts": [c.strip() for c in consts],
+        "body": lines,
+        "yield": ", ".join(yields),
+        "yield_types": ", ".join(types[k] for k in writes),
+    }
+
+
+def _doc(stage: Stage) -> list[str]:
+    printer = TextPrinter()
+    return [f"{let.symbol} = {printer.doprint(let.expr)}" for let in stage.lets]
+
+
+def _table_global(scheme: QuantScheme, what: str, globals_: dict) -> str:
+    values = scheme.values if what == "table" else midpoints(scheme.values)
+    name = f"@{what}_{scheme.name.replace('-', '_')}"
+    if name not in globals_:
+        dense = ", ".join(f32_literal(v) for v in values)
+        globals_[name] = f'memref.global "private" constant {name} : memref<{len(values)}xf32> = dense<[{dense}]>'
+    return name
+
+
+def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, globals_: dict) -> dict:
+    """A stage of a quantized plan: scf loops over super-blocks [lo, hi) of the flattened tensor.
+
+    Arguments: lo, hi (super-blocks), n (numel), cols (last dim, rank-1), then per tensor either one
+    memref (param, grad, float state) or a quantized bundle (block: codes, scales; rank1: codes,
+    old rows, old cols, new rows, new cols; tensor: codes, old, new), then for a stats stage its
+    maxima outputs (rank1: rows, cols; tensor: one), then the f32 scalars."""
+    names = program.tensors(stage)
+    writes = program.writes(stage)
+    scalars = program.stage_rows()[stage.index]["scalars"]
+    superblock = program.superblock(layout)
+    body = Body()
+    args = ["%lo: index", "%hi: index", "%n: index", "%cols: index"]
+    quant = {k: program.layout_of(k, layout) for k in names if k in program.quantized_keys}
+    for k in names:
+        if k in quant:
+            parts = {"block": ["codes", "scales"], "rank1": ["codes", "orow", "ocol", "nrow", "ncol"]}.get(
+                quant[k][0], ["codes", "old", "new"]
+            )
+            args += [f"%{k}_{p}: memref<?x{'i8' if p == 'codes' else 'f32'}>" for p in parts]
+        else:
+            args.append(f"%{k}: memref<?x{program.storage_type(k, dtype)}>")
+    target = None
+    if stage.op == "stats":
+        target = program.stats_target(stage)
+        norm = program.layout_of(target, layout)[0]
+        if norm == "block":  # the flat variant of a rank-1 store: the write stage reduces it
+            return None
+        args += (
+            ["%max_rows: memref<?xf32>", "%max_cols: memref<?xf32>"] if norm == "rank1" else ["%max_all: memref<?xf32>"]
+        )
+    args += [f"%{n}: f32" for n in scalars]
+
+    i = 3
+    L = superblock
+    body.raw(f"%L = arith.constant {L} : index", 2)
+    buffers = {k: f"%buf_{k}" for k in writes if k in quant and quant[k][0] == "block"}
+    for buf in buffers.values():
+        body.raw(f"{buf} = memref.alloca() : memref<{L}xf32>", 2)
+    body.raw("scf.for %sb = %lo to %hi step %c_1 {", 2)
+    start = body.op("arith.muli %sb, %L : index", i)
+    end = body.op(f"arith.minui {body.op(f'arith.addi {start}, %L : index', i)}, %n : index", i)
+    length = body.op(f"arith.subi {end}, {start} : index", i)
+    body.raw(f"scf.for %i = %c_0 to {length} step %c_1 {{", i)
+    j = i + 1
+    e = body.op(f"arith.addi {start}, %i : index", j)
+    env = {sympy.Symbol(n): f"%{n}" for n in scalars}
+    for symbol in stage.inputs:
+        if not program.is_tensor(symbol):
+            continue
+        k = program.key(symbol)
+        if k in quant:
+            env[symbol] = _dequantize(body, j, k, program.quantized_keys[k], quant[k], e, globals_)
+        else:
+            t = program.storage_type(k, dtype)
+            loaded = body.op(f"memref.load %{k}[{e}] : memref<?x{t}>", j)
+            env[symbol] = loaded if t == "f32" else body.op(f"arith.extf {loaded} : {t} to f32", j)
+    Lowering(body, env, j).lets(stage.lets)
+    if stage.op == "stats":
+        magnitude = body.op(f"math.absf {env[stage.outputs[0]]} : f32", j)
+        if norm == "rank1":
+            row = body.op(f"arith.divui {e}, %cols : index", j)
+            col = body.op(f"arith.remui {e}, %cols : index", j)
+            for buf, at in (("%max_rows", row), ("%max_cols", col)):
+                old = body.op(f"memref.load {buf}[{at}] : memref<?xf32>", j)
+                larger = body.op(f"arith.maximumf {old}, {magnitude} : f32", j)
+                body.raw(f"memref.store {larger}, {buf}[{at}] : memref<?xf32>", j)
+        else:
+            old = body.op("memref.load %max_all[%c_0] : memref<?xf32>", j)
+            larger = body.op(f"arith.maximumf {old}, {magnitude} : f32", j)
+            body.raw(f"memref.store {larger}, %max_all[%c_0] : memref<?xf32>", j)
+    for k, symbol in program.stores(stage):
+        value = env[symbol]
+        if k in buffers:
+            body.raw(f"memref.store {value}, {buffers[k]}[%i] : memref<{L}xf32>", j)
+        elif k in quant:
+            scale = _element_scale(body, j, k, quant[k][0], e, new=True)
+            code = _encode(body, j, program.quantized_keys[k], value, scale, globals_)
+            _store_code(body, j, k, program.quantized_keys[k].bits, code, e)
+        else:
+            t = program.storage_type(k, dtype)
+            stored = value if t == "f32" else body.op(f"arith.truncf {value} : f32 to {t}", j)
+            body.raw(f"memref.store {stored}, %{k}[{e}] : memref<?x{t}>", j)
+    body.raw("}", i)
+    for k, buf in buffers.items():
+        _requantize_blocks(body, i, k, program.quantized_keys[k], quant[k][1], L, buf, start, length, globals_)
+    body.raw("}", 2)
+    body.raw("return", 2)
+    return {
+        "kind": "raw",
+        "name": stage.name,
+        "doc": _doc(stage),
+        "lines": [f"  func.func @{stage.name}({', '.join(args)}) attributes {{llvm.emit_c_interface}} {{"]
+        + ["    %c_0 = arith.constant 0 : index", "    %c_1 = arith.constant 1 : index"]
+        + body.lines
+        + ["  }"],
+    }
+
+
+def _dequantize(body: Body, ind: int, key: str, scheme: QuantScheme, layout: tuple, e: str, globals_: dict) -> str:
+    code = _load_code(body, ind, key, scheme.bits, e)
+    table = body.op(
+        f"memref.get_global {_table_global(scheme, 'table', globals_)} : memref<{len(scheme.values)}xf32>", ind
+    )
+    entry = body.op(f"memref.load {table}[{code}] : memref<{len(scheme.values)}xf32>", ind)
+    scale = _element_scale(body, ind, key, layout[0], e, new=False, block=layout[1])
+    return body.op(f"arith.mulf {entry}, {scale} : f32", ind)
+
+
+def _load_code(body: Body, ind: int, key: str, bits: int, e: str) -> str:
+    if bits == 8:
+        byte = body.op(f"memref.load %{key}_codes[{e}] : memref<?xi8>", ind)
+        return body.op(f"arith.index_castui {byte} : i8 to index", ind)
+    byte = body.op(f"memref.load %{key}_codes[{body.op(f'arith.shrui {e}, %c_1 : index', ind)}] : memref<?xi8>", ind)
+    odd = body.op(f"arith.andi {e}, %c_1 : index", ind)
+    shift = body.op(f"arith.index_cast {body.op(f'arith.muli {odd}, {body.index(4)} : index', ind)} : index to i8", ind)
+    mask = body.const("15", "i8")
+    nibble = body.op(f"arith.andi {body.op(f'arith.shrui {byte}, {shift} : i8', ind)}, {mask} : i8", ind)
+    return body.op(f"arith.index_castui {nibble} : i8 to index", ind)
+
+
+def _element_scale(body: Body, ind: int, key: str, norm: str, e: str, new: bool, block: int = 0) -> str:
+    if norm == "block":
+        at = body.op(f"arith.divui {e}, {body.index(block)} : index", ind)
+        return body.op(f"memref.load %{key}_scales[{at}] : memref<?xf32>", ind)
+    if norm == "rank1":
+        row = body.op(f"arith.divui {e}, %cols : index", ind)
+        col = body.op(f"arith.remui {e}, %cols : index", ind)
+        rows, cols = (f"%{key}_nrow", f"%{key}_ncol") if new else (f"%{key}_orow", f"%{key}_ocol")
+        a = body.op(f"memref.load {rows}[{row}] : memref<?xf32>", ind)
+        b = body.op(f"memref.load {cols}[{col}] : memref<?xf32>", ind)
+        return body.op(f"arith.minimumf {a}, {b} : f32", ind)
+    return body.op(f"memref.load %{key}_{'new' if new else 'old'}[%c_0] : memref<?xf32>", ind)
+
+
+def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, globals_: dict) -> str:
+    """Nearest table entry of value / scale: the count of midpoints below it (branch-free search)."""
+    zero, one = body.f32(0.0), body.f32(1.0)
+    positive = body.op(f"arith.cmpf ogt, {scale}, {zero} : f32", ind)
+    safe = body.op(f"arith.select {positive}, {scale}, {one} : f32", ind)  # all-zero blocks: x / 1
+    x = body.op(f"arith.divf {value}, {safe} : f32", ind)
+    mids = midpoints(scheme.values)
+    table = body.op(f"memref.get_global {_table_global(scheme, 'midpoints', globals_)} : memref<{len(mids)}xf32>", ind)
+    position = body.index(0)
+    step = 1 << (len(mids).bit_length() - 1)
+    while step:
+        probe = body.op(f"arith.addi {position}, {body.index(step - 1)} : index", ind)
+        inside = body.op(f"arith.cmpi ult, {probe}, {body.index(len(mids))} : index", ind)
+        clamped = body.op(f"arith.minui {probe}, {body.index(len(mids) - 1)} : index", ind)
+        mid = body.op(f"memref.load {table}[{clamped}] : memref<{len(mids)}xf32>", ind)
+        below = body.op(f"arith.andi {inside}, {body.op(f'arith.cmpf olt, {mid}, {x} : f32', ind)} : i1", ind)
+        moved = body.op(f"arith.addi {position}, {body.index(step)} : index", ind)
+        position = body.op(f"arith.select {below}, {moved}, {position} : index", ind)
+        step >>= 1
+    return body.op(f"arith.index_castui {position} : index to i8", ind)
+
+
+def _store_code(body: Body, ind: int, key: str, bits: int, code: str, e: str) -> None:
+    if bits == 8:
+        body.raw(f"memref.store {code}, %{key}_codes[{e}] : memref<?xi8>", ind)
+        return
+    at = body.op(f"arith.shrui {e}, %c_1 : index", ind)
+    byte = body.op(f"memref.load %{key}_codes[{at}] : memref<?xi8>", ind)
+    odd = body.op(f"arith.andi {e}, %c_1 : index", ind)
+    shift = body.op(f"arith.index_cast {body.op(f'arith.muli {odd}, {body.index(4)} : index', ind)} : index to i8", ind)
+    mask, ones = body.const("15", "i8"), body.const("-1", "i8")
+    keep = body.op(f"arith.xori {body.op(f'arith.shli {mask}, {shift} : i8', ind)}, {ones} : i8", ind)
+    kept = body.op(f"arith.andi {byte}, {keep} : i8", ind)
+    merged = body.op(f"arith.ori {kept}, {body.op(f'arith.shli {code}, {shift} : i8', ind)} : i8", ind)
+    body.raw(f"memref.store {merged}, %{key}_codes[{at}] : memref<?xi8>", ind)
+
+
+def _requantize_blocks(body, ind, key, scheme, block, L, buf, start, length, globals_) -> None:
+    """Per block of the super-block: absmax → new scale, then codes (4-bit: packed pairs)."""
+    B = body.index(block)
+    count = body.op(f"arith.ceildivui {length}, {B} : index", ind)
+    first = body.op(f"arith.divui {start}, {B} : index", ind)
+    body.raw(f"scf.for %b_{key} = %c_0 to {count} step %c_1 {{", ind)
+    k = ind + 1
+    lo = body.op(f"arith.muli %b_{key}, {B} : index", k)
+    hi = body.op(f"arith.minui {body.op(f'arith.addi {lo}, {B} : index', k)}, {length} : index", k)
+    absmax = body.op(f"scf.for %j = {lo} to {hi} step %c_1 iter_args(%acc = {body.f32(0.0)}) -> (f32) {{", k)
+    x = body.op(f"memref.load {buf}[%j] : memref<{L}xf32>", k + 1)
+    magnitude = body.op(f"math.absf {x} : f32", k + 1)
+    body.raw(f"scf.yield {body.op(f'arith.maximumf %acc, {magnitude} : f32', k + 1)} : f32", k + 1)
+    body.raw("}", k)
+    at = body.op(f"arith.addi {first}, %b_{key} : index", k)
+    body.raw(f"memref.store {absmax}, %{key}_scales[{at}] : memref<?xf32>", k)
+    if scheme.bits == 8:
+        body.raw(f"scf.for %j = {lo} to {hi} step %c_1 {{", k)
+        x = body.op(f"memref.load {buf}[%j] : memref<{L}xf32>", k + 1)
+        code = _encode(body, k + 1, scheme, x, absmax, globals_)
+        body.raw(
+            f"memref.store {code}, %{key}_codes[{body.op(f'arith.addi {start}, %j : index', k + 1)}] : memref<?xi8>",
+            k + 1,
+        )
+        body.raw("}", k)
+    else:
+        pairs_lo = body.op(f"arith.shrui {lo}, %c_1 : index", k)
+        pairs_hi = body.op(f"arith.ceildivui {hi}, {body.index(2)} : index", k)
+        body.raw(f"scf.for %q = {pairs_lo} to {pairs_hi} step %c_1 {{", k)
+        m = k + 1
+        even = body.op("arith.shli %q, %c_1 : index", m)
+        odd = body.op(f"arith.addi {even}, %c_1 : index", m)
+        low = _encode(body, m, scheme, body.op(f"memref.load {buf}[{even}] : memref<{L}xf32>", m), absmax, globals_)
+        # the odd partner of the last element of an odd-sized tensor packs as code 0
+        has_odd = body.op(f"arith.cmpi ult, {odd}, {hi} : index", m)
+        safe_odd = body.op(f"arith.select {has_odd}, {odd}, {even} : index", m)
+        high = _encode(
+            body, m, scheme, body.op(f"memref.load {buf}[{safe_odd}] : memref<{L}xf32>", m), absmax, globals_
+        )
+        high = body.op(f"arith.select {has_odd}, {high}, {body.const('0', 'i8')} : i8", m)
+        four = body.const("4", "i8")
+        byte = body.op(f"arith.ori {low}, {body.op(f'arith.shli {high}, {four} : i8', m)} : i8", m)
+        target = body.op(f"arith.addi {body.op(f'arith.shrui {start}, %c_1 : index', m)}, %q : index", m)
+        body.raw(f"memref.store {byte}, %{key}_codes[{target}] : memref<?xi8>", m)
+        body.raw("}", k)
+    body.raw("}", ind)

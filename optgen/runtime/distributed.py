@@ -1,0 +1,214 @@
+"""Sharded parameters (FSDP2's DTensor shards): each rank steps its own shard, no gather.
+
+The kernels run on ``param.to_local()`` and local state. Element-wise work and block-wise
+quantization need nothing else. Statistics that span the whole tensor are reduced across the
+shard group while a kernel runs (``sharded(...)`` makes the sharding visible to the runtime
+helpers): rank-1 maxima of every dim but the sharded one, per-tensor maxima.
+
+State is kept as DTensors placed like their parameter (rows/cols/scalar state replicated where
+the sharded dim was reduced away), so ``torch.distributed.checkpoint`` can save on N ranks and load
+on M. Block-wise quantized state is cut into blocks per shard: blocks start at each shard's first
+element, so the codes equal an unsharded run's exactly when every shard holds a whole number of
+blocks (e.g. ``Shard(0)`` of a 4096×4096 weight on any power-of-two number of ranks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+try:  # DTensor exists in every torch this package supports; guarded for minimal builds
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a parameter is split: along ``dim`` over ``group``; ``shape`` is the whole tensor's."""
+
+    group: dist.ProcessGroup
+    dim: int
+    shape: torch.Size
+    mesh: object
+    placements: tuple
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# The sharding of the parameter whose kernels are running. A plain global, not a ContextVar:
+# torch.compile traces reads of it, and an optimizer steps its parameters one at a time.
+_current: Sharding | None = None
+
+
+def is_dtensor(value: object) -> bool:
+    return DTensor is not None and isinstance(value, DTensor)
+
+
+def sharding_of(param: torch.Tensor) -> Sharding | None:
+    """The sharding of a DTensor parameter, or None for a plain (or fully replicated) tensor."""
+    if not is_dtensor(param):
+        return None
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    if all(p.is_replicate() for p in placements):
+        return None
+    if mesh.ndim != 1 or not placements[0].is_shard():
+        raise NotImplementedError(
+            f"optgen supports parameters sharded along one dim of a 1-D device mesh (FSDP2's Shard(0)); "
+            f"got placements {placements} on a {mesh.ndim}-D mesh"
+        )
+    return Sharding(mesh.get_group(0), placements[0].dim % param.ndim, param.shape, mesh, placements)
+
+
+@contextmanager
+def sharded(sharding: Sharding | None) -> Iterator[None]:
+    global _current
+    outer, _current = _current, sharding
+    try:
+        yield
+    finally:
+        _current = outer
+
+
+def current() -> Sharding | None:
+    """The sharding of the parameter whose kernel is running (None when it is not sharded)."""
+    return _current
+
+
+def global_numel(local: torch.Tensor) -> int:
+    """Elements of the whole tensor ``local`` is a shard of (keep_full_precision decides on it)."""
+    sharding = current()
+    return sharding.numel if sharding is not None and local.ndim == len(sharding.shape) else local.numel()
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    sharding = current()
+    if sharding is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=sharding.group)
+    return tensor
+
+
+def rank1_maxima(magnitude: torch.Tensor) -> list[torch.Tensor]:
+    """Per-dim maxima of a non-negative tensor; under sharding, those of the whole tensor (the
+    sharded dim's own vector is local: each of its entries is a max over dims the shard holds whole)."""
+    sharding = current()
+    dims = range(magnitude.ndim)
+    maxima = []
+    for keep in dims:
+        others = [d for d in dims if d != keep]
+        vector = (
+            magnitude.amax(dim=others)
+            if magnitude.numel()
+            else magnitude.new_zeros(magnitude.shape[keep])  # an empty shard: identity of max over |x|
+        )
+        if sharding is not None and keep != sharding.dim:
+            dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=sharding.group)
+        maxima.append(vector)
+    return maxima
+
+
+# -- state placement ---------------------------------------------------------------------------
+
+
+def state_placement(kind: str, sharding: Sharding, ndim: int) -> tuple:
+    """Placements of a state tensor of ``kind`` ("full", "rows", "cols", "scalar") beside a
+    parameter sharded as ``sharding``: sharded like it unless the kind reduced the sharded dim."""
+    reduced = {"full": None, "rows": ndim - 1, "cols": ndim - 2}.get(kind, "all")
+    if reduced == "all" or reduced == sharding.dim:
+        return (Replicate(),)
+    return (Shard(sharding.dim),)
+
+
+def as_dtensor(local: torch.Tensor, kind: str, sharding: Sharding) -> torch.Tensor:
+    """Wrap a local state tensor as a DTensor placed beside its parameter."""
+    placements = state_placement(kind, sharding, len(sharding.shape))
+    shape = list(local.shape)
+    if placements[0].is_shard():
+        shape[sharding.dim] = sharding.shape[sharding.dim]
+    return DTensor.from_local(
+        local, sharding.mesh, placements, run_check=False, shape=torch.Size(shape), stride=_contiguous(shape)
+    )
+
+
+def _contiguous(shape: list[int]) -> tuple[int, ...]:
+    strides, running = [], 1
+    for size in reversed(shape):
+        strides.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def local(value):
+    """The local shard of a DTensor; anything else unchanged."""
+    return value.to_local() if is_dtensor(value) else value
+
+
+# -- state_dict: a shard's quantized state in a form torch.distributed.checkpoint can reshard ------
+
+
+def saved_quantized(saved: dict, sharding: Sharding, local_shape: torch.Size) -> dict:
+    """Codes and block scales become 1-D DTensors over the whole tensor's layout (each rank holds
+    its shard's span); rank-1 maxima are gathered whole (a few floats per row/column) and
+    replicated; ``shape`` is the whole tensor's. Loading on any number of ranks slices it back."""
+    from optgen.runtime.state import scheme_from_name
+
+    scheme = scheme_from_name(saved["scheme"])
+    normalize, block = scheme.layout(tuple(sharding.shape))
+    out = dict(saved, shape=list(sharding.shape))
+    out["codes"] = _span_dtensor(saved["codes"], math.ceil(sharding.numel * scheme.bits / 8), sharding, "codes")
+    if normalize == "block":
+        out["scales"] = _span_dtensor(saved["scales"], math.ceil(sharding.numel / block), sharding, "block scales")
+    elif normalize == "rank1":
+        maxima = list(saved["scales"].split(list(local_shape)))
+        pieces = [None] * dist.get_world_size(sharding.group)
+        dist.all_gather_object(pieces, maxima[sharding.dim].cpu(), group=sharding.group)
+        maxima[sharding.dim] = torch.cat(pieces).to(saved["scales"].device)
+        out["scales"] = DTensor.from_local(torch.cat(maxima), sharding.mesh, (Replicate(),), run_check=False)
+    else:  # per-tensor: one all-reduced maximum, the same on every rank
+        out["scales"] = DTensor.from_local(saved["scales"], sharding.mesh, (Replicate(),), run_check=False)
+    return out
+
+
+def loaded_quantized(saved: dict, param: torch.Tensor) -> dict:
+    """Inverse of ``saved_quantized`` for the shard ``param`` holds (or the whole tensor)."""
+    from optgen.runtime.state import scheme_from_name
+
+    out = dict(saved, codes=local(saved["codes"]), scales=local(saved["scales"]))
+    sharding = sharding_of(param)
+    if sharding is None:
+        return out
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    scheme = scheme_from_name(saved["scheme"])
+    if scheme.layout(tuple(param.shape))[0] == "rank1" and tuple(saved["shape"]) == tuple(param.shape):
+        maxima = list(out["scales"].split(list(param.shape)))
+        start = offset[sharding.dim]
+        maxima[sharding.dim] = maxima[sharding.dim][start : start + shape[sharding.dim]]
+        out["scales"] = torch.cat(maxima)
+    out["shape"] = list(shape)
+    return out
+
+
+def _span_dtensor(shard: torch.Tensor, length: int, sharding: Sharding, what: str) -> torch.Tensor:
+    """``shard`` as its rank's part of a 1-D DTensor of ``length`` (torch.chunk's split)."""
+    world, rank = dist.get_world_size(sharding.group), dist.get_rank(sharding.group)
+    chunk = math.ceil(length / world)
+    expected = max(0, min(chunk, length - rank * chunk))
+    if shard.numel() != expected:
+        raise NotImplementedError(
+            f"cannot save quantized {what} of a sharded {tuple(sharding.shape)} parameter for resharding: this "
+            f"rank holds {shard.numel()} of {length}, not an even split ({expected}). Shards must hold whole "
+            "quantization blocks: shard a dim whose size the number of ranks divides, with a block size that "
+            "divides each shard's element count"
+        )
+    return DTensor.from_local(
+        shard.reshape(-1), sharding.mesh, (Shard(0),), run_check=False, shape=torch.Size([length]), stride=(1,)
+    )

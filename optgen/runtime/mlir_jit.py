@@ -1,0 +1,353 @@
+"""Run MLIR kernels modules: lower to LLVM, JIT once per process, call in place on torch tensors.
+
+A generated ``mlir_<spec>.py`` holds MLIR text per variant (parameter dtype, layout) and a
+``Kernels`` object.  On first use of a variant the text goes through ``PIPELINE`` and the MLIR
+ExecutionEngine (opt level 3); the engine is cached per process by the text's hash.  Calls are
+zero-copy: each memref argument is a descriptor over the tensor's ``data_ptr()``.  Element ranges
+are split across threads (``torch.get_num_threads()`` by default); the foreign call releases the
+GIL.  Sizes are dynamic, so one compiled function serves every numel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib
+import os
+import re
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from optgen.codegen.quant import QuantScheme
+from optgen.runtime.quant_torch import _rank1_scales
+from optgen.runtime.state import QuantizedState
+
+PIPELINE = (
+    "builtin.module("
+    "arith-expand{include-bf16=true},"
+    "func.func(convert-linalg-to-loops),"
+    "convert-scf-to-cf,convert-cf-to-llvm,convert-math-to-llvm,arith-expand{include-bf16=true},convert-arith-to-llvm,"
+    "expand-strided-metadata,finalize-memref-to-llvm,convert-func-to-llvm,convert-index-to-llvm,"
+    "reconcile-unrealized-casts)"
+)
+OPT_LEVEL = 3
+MIN_ELEMENTS_PER_THREAD = 1 << 15  # smaller tensors run on the calling thread alone
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+class MlirBackendError(RuntimeError):
+    """The MLIR of a stage failed to lower or compile; the message names the file holding it."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One plan stage as the runtime calls it (tensor keys: "param", "grad" or a state key)."""
+
+    name: str
+    op: str  # "map" | "stats"
+    tensors: tuple[str, ...]
+    writes: tuple[str, ...]
+    scalars: tuple[str, ...]
+    target: str | None = None  # stats: the quantized state whose maxima it reduces
+
+
+class MemRef(ctypes.Structure):
+    """The descriptor of a 1-D memref: allocated and aligned pointers, offset, size, stride."""
+
+    _fields_ = [
+        ("allocated", ctypes.c_void_p),
+        ("aligned", ctypes.c_void_p),
+        ("offset", ctypes.c_int64),
+        ("size", ctypes.c_int64),
+        ("stride", ctypes.c_int64),
+    ]
+
+
+def memref(tensor: torch.Tensor, start: int = 0, stop: int | None = None) -> MemRef:
+    """A descriptor over elements [start, stop) of a contiguous tensor's storage (no copy)."""
+    stop = tensor.numel() if stop is None else stop
+    pointer = tensor.data_ptr() + start * tensor.element_size()
+    return MemRef(pointer, pointer, 0, stop - start, 1)
+
+
+_PACKED = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def _call(address: int, args: list) -> None:
+    """Call an ``llvm.emit_c_interface`` function through its packed wrapper (void** args):
+    a memref argument is a pointer to its descriptor, a scalar its value."""
+    holders = []
+    packed = (ctypes.c_void_p * len(args))()
+    for i, arg in enumerate(args):
+        if isinstance(arg, MemRef):
+            holder = ctypes.c_void_p(ctypes.addressof(arg))
+            holders.append(holder)
+            packed[i] = ctypes.addressof(holder)
+        else:
+            packed[i] = ctypes.addressof(arg)
+    _PACKED(address)(packed)
+
+
+# -- compilation -----------------------------------------------------------------------------------
+_ENGINES: dict[str, tuple] = {}
+_LOCK = threading.Lock()
+
+
+def failure_dir() -> Path:
+    from optgen.codegen.build import cache_dir
+
+    return cache_dir() / "mlir-failures"
+
+
+def compile_module(spec: str, variant: str, source: str, pipeline: str = PIPELINE) -> dict[str, int]:
+    """Function name → address of its packed wrapper, compiling ``source`` on first use."""
+    digest = hashlib.sha256((pipeline + source).encode()).hexdigest()
+    with _LOCK:
+        if digest not in _ENGINES:
+            _ENGINES[digest] = _compile(spec, variant, source, pipeline, digest)
+        return _ENGINES[digest][2]
+
+
+def _compile(spec: str, variant: str, source: str, pipeline: str, digest: str) -> tuple:
+    from torch_mlir import ir
+    from torch_mlir.execution_engine import ExecutionEngine
+    from torch_mlir.passmanager import PassManager
+
+    names = re.findall(r"func\.func @(\w+)\(", source)
+    context = ir.Context()
+    step = "parsing"
+    try:
+        with context:
+            module = ir.Module.parse(source)
+            step = "lowering"
+            PassManager.parse(pipeline).run(module.operation)
+            step = "JIT compilation"
+            engine = ExecutionEngine(module, opt_level=OPT_LEVEL)
+            addresses = {name: engine.raw_lookup("_mlir_ciface_" + name) for name in names}
+    except Exception as error:  # the bindings raise MLIRError / ValueError / RuntimeError
+        path = failure_dir() / f"{spec}-{variant}-{digest[:12]}.mlir"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"// pipeline: {pipeline}\n{source}")
+        stage = _failing_stage(source, str(error)) or ", ".join(names)
+        raise MlirBackendError(
+            f"MLIR backend: {step} failed for spec {spec!r}, variant {variant}, stage {stage}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. "
+            f"The MLIR is in {path} (reproduce with: torch-mlir-opt --pass-pipeline='{pipeline}' {path}); "
+            "backend='torch' avoids it"
+        ) from error
+    missing = [name for name, address in addresses.items() if not address]
+    if missing:
+        raise MlirBackendError(f"MLIR backend: spec {spec!r}, variant {variant}: no compiled function {missing}")
+    return context, engine, addresses
+
+
+def _failing_stage(source: str, message: str) -> str | None:
+    """The function holding the first line a diagnostic points at (``<file>:LINE:COL``)."""
+    match = re.search(r":(\d+):\d+", message)
+    if not match:
+        return None
+    line = int(match.group(1))
+    stage = None
+    for number, text in enumerate(source.splitlines(), start=1):
+        if number > line:
+            break
+        found = re.search(r"func\.func @(\w+)\(", text)
+        if found:
+            stage = found.group(1)
+    return stage
+
+
+# -- threads ---------------------------------------------------------------------------------------
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="optgen-mlir")
+    return _POOL
+
+
+def num_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _parallel(run, count: int, unit: int) -> list:
+    """``run(lo, hi)`` over [0, count) in contiguous ranges, one per thread; returns their results."""
+    threads = min(num_threads(), max(1, count * unit // MIN_ELEMENTS_PER_THREAD), count)
+    if threads <= 1:
+        return [run(0, count)]
+    bounds = [count * t // threads for t in range(threads + 1)]
+    futures = [_pool().submit(run, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    first = run(bounds[0], bounds[1])
+    return [first, *(f.result() for f in futures)]
+
+
+# -- kernels ---------------------------------------------------------------------------------------
+def reference_module(name: str):
+    """The torch kernels module beside the MLIR module ``<package>.mlir_<suffix>``."""
+    package, _, module = name.rpartition(".")
+    return importlib.import_module(f"{package}.torch_{module[len('mlir_') :]}")
+
+
+class Kernels:
+    """The compiled variants of one spec's MLIR module and the calls that run a step."""
+
+    def __init__(
+        self,
+        spec: str,
+        sources: dict[str, str],
+        stages: tuple[Stage, ...],
+        schemes: dict[str, QuantScheme],
+        superblocks: dict[str, int],
+    ):
+        self.spec, self.sources, self.stages, self.schemes, self.superblocks = (
+            spec,
+            sources,
+            stages,
+            schemes,
+            superblocks,
+        )
+        self.rank1 = any(s.normalize == "rank1" for s in schemes.values())
+
+    def functions(self, variant: str) -> dict[str, int]:
+        return compile_module(self.spec, variant, self.sources[variant])
+
+    def variant(self, param: torch.Tensor, grad: torch.Tensor, state: dict) -> str | None:
+        """The variant that runs this parameter, or None where the torch kernels must."""
+        dtype = _DTYPES.get(param.dtype)
+        if (
+            dtype is None
+            or param.device.type != "cpu"
+            or grad.dtype != param.dtype
+            or grad.device.type != "cpu"
+            or param.numel() == 0
+            or not param.is_contiguous()
+            or not grad.is_contiguous()
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        for key, value in state.items():
+            if key == "step":
+                continue
+            if key in self.schemes:
+                if not isinstance(value, QuantizedState) or not value.codes.is_contiguous():
+                    return None
+            elif not isinstance(value, torch.Tensor) or not value.is_contiguous() or value.device.type != "cpu":
+                return None
+        layout = ("nd" if param.ndim >= 2 else "flat") if self.rank1 else "any"
+        return f"{dtype}-{layout}"
+
+    def run(self, variant: str, param: torch.Tensor, grad: torch.Tensor, state: dict, scalars: dict) -> None:
+        functions = self.functions(variant)
+        tensors = {"param": param, "grad": grad, **state}
+        if self.schemes:
+            self._run_quantized(variant, functions, param, tensors, scalars)
+            return
+        numel = param.numel()
+        for stage in self.stages:
+            address = functions[stage.name]
+            values = [ctypes.c_float(float(scalars[n])) for n in stage.scalars]
+            chosen = [tensors[k] for k in stage.tensors]
+
+            def call(lo: int, hi: int, address=address, chosen=chosen, values=values) -> None:
+                _call(address, [*(memref(t, lo, hi) for t in chosen), *values])
+
+            _parallel(call, numel, 1)
+
+    # -- quantized plans ---------------------------------------------------------------------------
+    def _run_quantized(self, variant: str, functions: dict, param: torch.Tensor, tensors: dict, scalars: dict) -> None:
+        layout = variant.split("-")[1]
+        block = self.superblocks[layout]
+        numel = param.numel()
+        shape = tuple(param.shape)
+        cols = shape[-1] if layout == "nd" else 1
+        count = -(-numel // block)
+        fixed = [ctypes.c_int64(numel), ctypes.c_int64(cols)]
+        new: dict[str, tuple] = {}  # rank-1 / per-tensor targets: (scales to store, kernel scale tensors)
+        alive = []  # tensors the descriptors point into, held until the calls are done
+        for stage in self.stages:
+            values = [ctypes.c_float(float(scalars[n])) for n in stage.scalars]
+            args = []
+            for key in stage.tensors:
+                args += self._bundle(key, tensors[key], shape, new.get(key), alive)
+            if stage.op == "stats":
+                target: QuantizedState = tensors[stage.target]
+                normalize, _ = target.scheme.layout(shape)
+                if normalize == "block":
+                    continue  # block-wise: the write stage reduces each block itself
+                sizes = (numel // cols, cols) if normalize == "rank1" else (1,)
+
+                def reduce(lo, hi, address=functions[stage.name], args=args, values=values, sizes=sizes):
+                    maxima = [torch.zeros(n) for n in sizes]
+                    bounds = [ctypes.c_int64(lo), ctypes.c_int64(hi)]
+                    _call(address, [*bounds, *fixed, *args, *(memref(m) for m in maxima), *values])
+                    return maxima
+
+                parts = _parallel(reduce, count, block)
+                maxima = [torch.stack(group).amax(dim=0) for group in zip(*parts)]
+                new[stage.target] = _new_scales(maxima, shape, normalize)
+                continue
+
+            def write(lo, hi, address=functions[stage.name], args=args, values=values) -> None:
+                _call(address, [ctypes.c_int64(lo), ctypes.c_int64(hi), *fixed, *args, *values])
+
+            _parallel(write, count, block)
+            for key in stage.writes:
+                target = tensors[key]
+                if not isinstance(target, QuantizedState):
+                    continue
+                if key in new:
+                    target.scales.copy_(new[key][0])
+                if not bool(torch.isfinite(target.scales).all()):
+                    warnings.warn(
+                        f"non-finite values (NaN/Inf) reached quantized optimizer state {target.scheme.name} of "
+                        f"shape {shape}: the affected blocks now dequantize to NaN/Inf. Check the gradients "
+                        "(clip them, or skip steps whose gradients are not finite, as torch.amp.GradScaler does).",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+
+    @staticmethod
+    def _bundle(key: str, value, shape: tuple, new: tuple | None, alive: list) -> list[MemRef]:
+        """The memref arguments of one tensor: itself, or a quantized state's codes and scales."""
+        if not isinstance(value, QuantizedState):
+            return [memref(value)]
+        normalize, _ = value.scheme.layout(shape)
+        if normalize == "block":
+            return [memref(value.codes), memref(value.scales)]
+        old = _kernel_scales(list(value.scales.split(list(shape))), shape) if normalize == "rank1" else (value.scales,)
+        fresh = new[1] if new is not None else old
+        alive += [*old, *fresh]
+        return [memref(value.codes), *(memref(t) for t in old), *(memref(t) for t in fresh)]
+
+
+def _kernel_scales(maxima: list[torch.Tensor], shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-1 scales as the kernels read them over the (rows, last dim) view: the minimum of
+    the leading dims' maxima per row, and the last dim's maxima."""
+    if len(shape) == 2:
+        return maxima[0].contiguous(), maxima[1].contiguous()
+    rows = _rank1_scales(maxima[:-1], torch.Size(shape[:-1])).reshape(-1).contiguous()
+    return rows, maxima[-1].contiguous()
+
+
+def _new_scales(maxima: list[torch.Tensor], shape: tuple, normalize: str) -> tuple:
+    """From the stats kernels' maxima: (the scales to store, the tensors the write kernel reads)."""
+    if normalize == "tensor":
+        return maxima[0], (maxima[0],)
+    rows, cols = maxima
+    lead = rows.view(shape[:-1])
+    per_dim = [
+        lead.amax(dim=[d for d in range(lead.ndim) if d != keep]) if lead.ndim > 1 else lead
+        for keep in range(lead.ndim)
+    ]
+    per_dim.append(cols)
+    return torch.cat(per_dim), _kernel_scales(per_dim, shape)
+
+
+__all__ = ["Kernels", "MemRef", "MlirBackendError", "Stage", "compile_module"]
