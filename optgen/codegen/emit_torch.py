@@ -18,7 +18,7 @@ _SHAPE = {
 
 
 def emit_torch(plan: Plan, header: str) -> str:
-    printer = TorchPrinter()
+    printer = TorchPrinter(plan.kinds)
     spec = plan.spec
     state_by_symbol = {sympy.Symbol(s.name): s for s in spec.state}
 
@@ -93,6 +93,7 @@ def emit_torch(plan: Plan, header: str) -> str:
         state_dtypes=[(s.saved_as, _DTYPES[s.store.dtype]) for s in spec.state],
         schemes=[(s.saved_as, _scheme_literal(s.store.quant)) for s in spec.state if s.store.quant],
         matrix_ops=any(stage.op == "matrix" for stage in plan.stages),
+        reductions=any(stage.op == "reduce" for stage in plan.stages),
         unpack_lines=_unpack_lines(plan, reads, include_all=False),
         host_lines=[
             f"{let.symbol} = {printer.doprint(let.expr)}" + (f"  # {let.comment}" if let.comment else "")

@@ -136,7 +136,14 @@ class TextPrinter:
 
 
 class TorchPrinter(TextPrinter):
-    """torch code: every name is a tensor (host scalars are 0-d float64 tensors)."""
+    """torch code: every name is a tensor (host scalars are 0-d float64 tensors).
+
+    Given the plan's kinds, reductions print as calls to ``optgen.runtime.reductions``, which
+    combine the shards of a sharded parameter; without them, as plain torch reductions.
+    """
+
+    def __init__(self, kinds: dict[sympy.Symbol, E.Kind] | None = None):
+        self.kinds = kinds
 
     def boolean(self, value: bool) -> str:
         return f"torch.tensor({value})"
@@ -152,6 +159,10 @@ class TorchPrinter(TextPrinter):
         return f"~({self.p(e)[0]})", _PREC_UNARY
 
     def call(self, e: sympy.Basic) -> tuple[str, int]:
+        if e.func in E.REDUCTIONS.values() and self.kinds is not None:
+            operand, dim = self.p(e.args[0])[0], int(e.args[1])
+            of = E.kind_of(e.args[0], self.kinds)
+            return f'reductions.{e.func}({operand}, dim={None if dim == E.DIM_ALL else dim}, of="{of}")', _PREC_ATOM
         if e.func in E.REDUCTIONS.values():
             operand, dim = self.wrap(e.args[0], _PREC_ATOM), int(e.args[1])
             keep = "" if dim == E.DIM_ALL else f"dim={dim}, keepdim=True"

@@ -3,7 +3,9 @@
 The kernels run on ``param.to_local()`` and local state. Element-wise work and block-wise
 quantization need nothing else. Statistics that span the whole tensor are reduced across the
 shard group while a kernel runs (``sharded(...)`` makes the sharding visible to the runtime
-helpers): rank-1 maxima of every dim but the sharded one, per-tensor maxima.
+helpers): rank-1 maxima of every dim but the sharded one, per-tensor maxima, reductions over the
+sharded dim (``reductions.py``). Matrix primitives (whitening) gather the whole matrix on every rank
+and keep their shard of the result (``on_whole``).
 
 State is kept as DTensors placed like their parameter (rows/cols/scalar state replicated where
 the sharded dim was reduced away), so ``torch.distributed.checkpoint`` can save on N ranks and load
@@ -15,7 +17,7 @@ blocks (e.g. ``Shard(0)`` of a 4096×4096 weight on any power-of-two number of r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -80,6 +82,31 @@ def sharded(sharding: Sharding | None) -> Iterator[None]:
 def current() -> Sharding | None:
     """The sharding of the parameter whose kernel is running (None when it is not sharded)."""
     return _current
+
+
+def on_whole(compute: Callable[[torch.Tensor], torch.Tensor], shard: torch.Tensor) -> torch.Tensor:
+    """``compute`` of the whole tensor ``shard`` is part of, cut back to this rank's part.
+
+    For math that needs the whole matrix (whitening): every rank gathers it and computes the same
+    result. Unsharded (no ``sharded`` context): ``compute(shard)``.
+    """
+    sharding = current()
+    if sharding is None:
+        return compute(shard)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    spread = DTensor.from_local(
+        shard,
+        sharding.mesh,
+        sharding.placements,
+        run_check=False,
+        shape=sharding.shape,
+        stride=_contiguous(sharding.shape),
+    )
+    with sharded(None):
+        whole = compute(spread.full_tensor())
+    size, offset = compute_local_shape_and_global_offset(sharding.shape, sharding.mesh, sharding.placements)
+    return whole.narrow(sharding.dim, offset[sharding.dim], size[sharding.dim])
 
 
 def global_numel(local: torch.Tensor) -> int:
