@@ -71,11 +71,14 @@ def train_sharded_and_single(rank: int, world: int, spec: str) -> dict:
     # quantization ties cannot round differently between the two runs.
     opt_single = cls(single.parameters(), lr=lr, weight_decay=0.1, backend="torch")
     per_rank = GLOBAL_BATCH // world
+    whitened = count_whitenings()
     for step in range(STEPS):
         x, y = batch(step)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         torch.nn.functional.mse_loss(sharded(x[mine]), y[mine]).backward()
+        whitened.active = True
         opt_sharded.step()
+        whitened.active = False
         opt_sharded.zero_grad()
         for r in range(world):  # FSDP2 averages per-rank gradients: sum the halves, then halve
             part = slice(r * per_rank, (r + 1) * per_rank)
@@ -99,7 +102,24 @@ def train_sharded_and_single(rank: int, world: int, spec: str) -> dict:
             expected = codes_of(reference).view(q.shape)[rows].reshape(-1)
             code_mismatches += int((mine != expected).sum())
             assert local(p).shape == value.shape
-    return {"worst_rel": worst, "code_mismatches": code_mismatches, "quantized": quantized}
+    return {"worst_rel": worst, "code_mismatches": code_mismatches, "quantized": quantized, "whitened": whitened.count}
+
+
+def count_whitenings():
+    """Counts the whitenings this process computes while ``active``."""
+    from optgen.runtime import matrix
+
+    class Counter:
+        active, count = False, 0
+
+    counter, original = Counter(), matrix._coupled_newton_schulz
+
+    def counted(*args):
+        counter.count += counter.active
+        return original(*args)
+
+    matrix._coupled_newton_schulz = counted
+    return counter
 
 
 @pytest.mark.parametrize("spec", list(QUANTIZED))
@@ -113,6 +133,8 @@ def test_fsdp2_matches_single_process(spec):
         assert result["worst_rel"] <= 1e-5, f"rank {rank}: {result}"
         assert result["code_mismatches"] == 0, f"rank {rank}: {result}"
         assert result["quantized"] == QUANTIZED[spec], result  # the big weights' states really are quantized
+    if spec == "swan":  # 3 matrices per step, each whitened once, by one rank: the work is spread
+        assert [r["whitened"] for r in results] == [2 * STEPS, 1 * STEPS], results
 
 
 # -- distributed checkpoints (torch.distributed.checkpoint) --------------------------------------
@@ -252,7 +274,7 @@ def reductions_on_shards(rank: int, world: int) -> list[str]:
     from optgen.runtime import distributed, matrix, reductions
 
     mesh = init_device_mesh("cpu", (world,))
-    problems = []
+    problems, calls, expected = [], [], []
     for shape in [(5, 7), (1, 6), (3, 4, 6)]:  # uneven rows; one row: rank 1's shard is empty; batched
         whole = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
         shard = distribute_tensor(whole, mesh, [Shard(0)])
@@ -278,11 +300,23 @@ def reductions_on_shards(rank: int, world: int) -> list[str]:
                         want = want[rows]  # a reduction that kept the sharded dim: this rank's part
                     if not torch.allclose(got, want, rtol=1e-12, atol=1e-12):
                         problems.append(f"{name} {kind} dim={dim} shape={shape}")
+
+        def stage(x, eps):  # a matrix stage with two outputs, as generated code may have
+            x0 = matrix.standardize(x, dim="long", eps=eps)
+            return x0, matrix.whiten(x0, steps=8)
+
+        want = tuple(out[rows] for out in stage(whole, 1e-8))
         with distributed.sharded(sharding):
-            white = matrix.whiten(matrix.standardize(local, dim="long", eps=1e-8), steps=8)
-        expected = matrix.whiten(matrix.standardize(whole, dim="long", eps=1e-8), steps=8)[rows]
-        if not torch.equal(white, expected):
-            problems.append(f"whiten(standardize) shape={shape}")
+            got = distributed.on_whole(stage, local, 1e-8)  # every rank gathers and computes
+        if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
+            problems.append(f"on_whole shape={shape}")
+        # spread_whole: each rank computes a share of the stages and scatters the parts
+        calls += [(sharding, stage, (local, 1e-8)), (sharding, lambda x: matrix.whiten(x, steps=3), (local,))]
+        expected += [want, matrix.whiten(whole, steps=3)[rows]]
+    for index, (got, want) in enumerate(zip(distributed.spread_whole(calls), expected, strict=True)):
+        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+        if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
+            problems.append(f"spread_whole call {index}")
     return problems
 
 

@@ -97,6 +97,7 @@ def render_package(spec: Spec) -> dict[str, str]:
                 "state_keys": {s.name: s.saved_as for s in sub.state},
                 "state_kinds": {s.saved_as: str(s.kind) for s in sub.state},
                 "shard_local": plan.shard_local,
+                "whole_matrix": any(stage.op == "matrix" for stage in plan.stages),
             }
         )
         if sub.routing:

@@ -71,7 +71,8 @@ def emit_torch(plan: Plan, header: str) -> str:
         outputs = ", ".join(str(s) for s in stage.outputs)
         inputs = sorted(stage.inputs, key=order)
         args = ", ".join(load(s) for s in inputs)
-        call = f"{stage.name}({args})"
+        # A matrix stage needs whole matrices: on a sharded parameter on_whole gathers them.
+        call = f"on_whole({stage.name}, {args})" if stage.op == "matrix" else f"{stage.name}({args})"
         calls.append(f"{outputs} = {call}")
 
     stores = []

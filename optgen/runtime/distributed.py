@@ -84,18 +84,162 @@ def current() -> Sharding | None:
     return _current
 
 
-def on_whole(compute: Callable[[torch.Tensor], torch.Tensor], shard: torch.Tensor) -> torch.Tensor:
-    """``compute`` of the whole tensor ``shard`` is part of, cut back to this rank's part.
+class Deferred(Exception):
+    """Raised by ``on_whole`` while collecting: the parameter's first matrix stage, not yet computed.
 
-    For math that needs the whole matrix (whitening): every rank gathers it and computes the same
-    result. Unsharded (no ``sharded`` context): ``compute(shard)``.
+    Generated code stores nothing before its last stage, so abandoning ``update`` here is harmless.
+    """
+
+    def __init__(self, compute: Callable, args: tuple):
+        super().__init__("matrix stage deferred")
+        self.compute, self.args = compute, args
+
+
+# How on_whole answers while a sharded parameter's kernels run: "collect" (raise Deferred), or the
+# precomputed local result of its first matrix stage (from ``spread_whole``), else gather and compute.
+_collecting = False
+_precomputed: list = []
+
+
+@contextmanager
+def collecting() -> Iterator[None]:
+    global _collecting
+    _collecting = True
+    try:
+        yield
+    finally:
+        _collecting = False
+
+
+@contextmanager
+def precomputed(result) -> Iterator[None]:
+    _precomputed[:] = [result]
+    try:
+        yield
+    finally:
+        _precomputed.clear()
+
+
+def on_whole(compute: Callable, *args):
+    """``compute(*args)`` — a matrix stage — of whole matrices; on a shard, this rank's part of it.
+
+    Args that are shards (the parameter's ndim) stand for their whole tensors. Unsharded (no
+    ``sharded`` context): ``compute(*args)``. Sharded: the result ``spread_whole`` computed for this
+    parameter, else every rank gathers the whole matrices and computes the same result.
     """
     sharding = current()
     if sharding is None:
-        return compute(shard)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        return compute(*args)
+    if _collecting:
+        raise Deferred(compute, args)
+    if _precomputed:
+        return _precomputed.pop()
+    spread = [
+        _as_dtensor(a, sharding).full_tensor() if isinstance(a, torch.Tensor) and a.ndim == len(sharding.shape) else a
+        for a in args
+    ]
+    with sharded(None):
+        return _local_part(compute(*spread), sharding, dist.get_rank(sharding.group))
 
-    spread = DTensor.from_local(
+
+def spread_whole(calls: list[tuple[Sharding, Callable, tuple]]) -> list:
+    """Compute many parameters' matrix stages with the work spread over ranks.
+
+    Call ``i`` belongs to rank ``i % world``: every rank sends it its shards (gather), the owner
+    computes the stage on the whole matrices, and sends each rank its part back (scatter). Every
+    rank passes the same calls in the same order (its parameters' order). Returns this rank's
+    local results, as ``on_whole`` would.
+    """
+    if not calls:
+        return []
+    group = calls[0][0].group
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    owner = [i % world for i in range(len(calls))]
+    wholes = [
+        [
+            _gather_whole(a, sharding, dist.get_global_rank(group, owner[i]), owner[i] == rank)
+            if isinstance(a, torch.Tensor) and a.ndim == len(sharding.shape)
+            else a
+            for a in args
+        ]
+        for i, (sharding, _, args) in enumerate(calls)
+    ]
+    computed = {}  # call index -> this rank's whole results
+    with sharded(None):
+        for i, (_, compute, _) in enumerate(calls):
+            if owner[i] == rank:
+                computed[i] = compute(*wholes[i])
+    del wholes
+    # The result's structure (a tensor or a tuple of them) is known once computed: tell every rank.
+    layouts = [None] * world
+    dist.all_gather_object(layouts, {i: _layout(r) for i, r in computed.items()}, group=group)
+    results = []
+    for i, (sharding, _, args) in enumerate(calls):
+        count = layouts[owner[i]][i]
+        outputs = computed.get(i)
+        outputs = (outputs,) if count is None and outputs is not None else outputs
+        like = next(a for a in args if isinstance(a, torch.Tensor) and a.ndim == len(sharding.shape))
+        src = dist.get_global_rank(group, owner[i])
+        parts = tuple(
+            _scatter_part(None if outputs is None else outputs[k], sharding, src, like) for k in range(count or 1)
+        )
+        results.append(parts if count is not None else parts[0])
+    return results
+
+
+def _layout(result) -> int | None:
+    """None for a single tensor, else the length of the tuple."""
+    return len(result) if isinstance(result, tuple) else None
+
+
+def _split(sharding: Sharding) -> list[int]:
+    """Each rank's size along the sharded dim: torch.chunk's split, as FSDP2's Shard(dim) makes it."""
+    world, size = dist.get_world_size(sharding.group), sharding.shape[sharding.dim]
+    chunk = math.ceil(size / world)
+    return [max(0, min(chunk, size - r * chunk)) for r in range(world)]
+
+
+def _padded(shard: torch.Tensor, sharding: Sharding) -> torch.Tensor:
+    """``shard`` padded with zeros along the sharded dim to the largest rank's size (gloo needs equal sizes)."""
+    shape = list(shard.shape)
+    shape[sharding.dim] = max(_split(sharding))
+    out = shard.new_zeros(shape)
+    out.narrow(sharding.dim, 0, shard.shape[sharding.dim]).copy_(shard)
+    return out.contiguous()
+
+
+def _gather_whole(shard: torch.Tensor, sharding: Sharding, owner: int, mine: bool) -> torch.Tensor | None:
+    padded = _padded(shard, sharding)
+    pieces = [torch.empty_like(padded) for _ in _split(sharding)] if mine else None
+    dist.gather(padded, pieces, dst=owner, group=sharding.group)
+    if not mine:
+        return None
+    return torch.cat([p.narrow(sharding.dim, 0, n) for p, n in zip(pieces, _split(sharding))], dim=sharding.dim)
+
+
+def _scatter_part(whole: torch.Tensor | None, sharding: Sharding, owner: int, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``whole`` (given on the owner only), as float32."""
+    sizes = _split(sharding)
+    shape = list(sharding.shape)
+    shape[sharding.dim] = max(sizes)
+    received = torch.empty(shape, dtype=torch.float32, device=like.device)
+    pieces = None
+    if whole is not None:
+        pieces = [_padded(_local_part(whole.float(), sharding, r), sharding) for r in range(len(sizes))]
+    dist.scatter(received, pieces, src=owner, group=sharding.group)
+    return received.narrow(sharding.dim, 0, sizes[dist.get_rank(sharding.group)])
+
+
+def _local_part(whole, sharding: Sharding, rank: int):
+    """Rank ``rank``'s rows (along the sharded dim) of a whole result, or of each of a tuple's."""
+    if isinstance(whole, tuple):
+        return tuple(_local_part(w, sharding, rank) for w in whole)
+    sizes = _split(sharding)
+    return whole.narrow(sharding.dim, sum(sizes[:rank]), sizes[rank])
+
+
+def _as_dtensor(shard: torch.Tensor, sharding: Sharding) -> torch.Tensor:
+    return DTensor.from_local(
         shard,
         sharding.mesh,
         sharding.placements,
@@ -103,10 +247,6 @@ def on_whole(compute: Callable[[torch.Tensor], torch.Tensor], shard: torch.Tenso
         shape=sharding.shape,
         stride=_contiguous(sharding.shape),
     )
-    with sharded(None):
-        whole = compute(spread.full_tensor())
-    size, offset = compute_local_shape_and_global_offset(sharding.shape, sharding.mesh, sharding.placements)
-    return whole.narrow(sharding.dim, offset[sharding.dim], size[sharding.dim])
 
 
 def global_numel(local: torch.Tensor) -> int:

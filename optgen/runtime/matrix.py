@@ -2,8 +2,9 @@
 
 Written once, in plain torch, for every backend: matrix products go through ``torch.matmul``
 (cuBLAS / oneDNN).  Tensors with more than two dims are batches of matrices over their leading
-dims.  A shard of a sharded parameter is computed on the whole matrix (``distributed.on_whole``).
-Contracts (docs/spec-language.md#matrix-primitives):
+dims.  (On a sharded parameter, generated code calls a whole matrix stage through
+``distributed.on_whole``, so these always see whole matrices.)  Contracts
+(docs/spec-language.md#matrix-primitives):
 
 - ``standardize(x, dim, eps)``: ``(x - mean) / (std + eps)`` along ``dim`` (-1: each row across
   its entries; -2: each column; "long": along the longer of the last two dims, i.e. each row of the
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from optgen.runtime import distributed
-
 __all__ = ["standardize", "whiten"]
 
 QUINTIC = (3.4445, -4.7750, 2.0315)  # KellerJordan/Muon
@@ -37,14 +36,6 @@ NEWTON_SCHULZ_RIDGE = 1e-6
 
 
 def standardize(x: torch.Tensor, dim: int | str | None, eps: float | torch.Tensor) -> torch.Tensor:
-    return distributed.on_whole(lambda whole: _standardize(whole, dim, eps), x)
-
-
-def whiten(x: torch.Tensor, steps: int, method: str = "newton_schulz", dtype: torch.dtype = torch.float32):
-    return distributed.on_whole(lambda whole: _whiten(whole, steps, method, dtype), x)
-
-
-def _standardize(x: torch.Tensor, dim: int | str | None, eps: float | torch.Tensor) -> torch.Tensor:
     x = x.float()
     if dim == "long":
         dim = -1 if x.shape[-1] >= x.shape[-2] else -2
@@ -56,7 +47,7 @@ def _standardize(x: torch.Tensor, dim: int | str | None, eps: float | torch.Tens
     return torch.where(constant, 0.0, centered / (std + eps))
 
 
-def _whiten(x: torch.Tensor, steps: int, method: str, dtype: torch.dtype) -> torch.Tensor:
+def whiten(x: torch.Tensor, steps: int, method: str = "newton_schulz", dtype: torch.dtype = torch.float32):
     if x.ndim < 2:
         raise ValueError(f"whiten needs a matrix (ndim >= 2), got shape {tuple(x.shape)}")
     tall = x.shape[-2] > x.shape[-1]

@@ -90,6 +90,7 @@ class Program:
     kernels: dict[str, str]  # backend -> kernels module name inside ``package``
     package: str = ""
     shard_local: bool = True  # shards step on their own; else whole-tensor statistics are all-reduced
+    whole_matrix: bool = False  # has matrix stages: shards are gathered, the work spread over ranks
     min_ndim: int = 0  # rows/cols values need parameters with this many dims
     _modules: dict[str, ModuleType] = field(default_factory=dict, compare=False, repr=False)
 
@@ -140,6 +141,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        spread = []  # sharded parameters with matrix stages: stepped together, see _step_spread
         for group in self.param_groups:
             tensors: dict[str, Any] = {}
             for param in group["params"]:
@@ -154,14 +156,44 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     hyper = tensors[program.name] = self._hyper_tensors(group, program)
                 sharding = distributed.sharding_of(param)
                 if sharding is None:
-                    self._step_one(program, param, grad, hyper, None)
+                    self._kernel(program, param)(param, grad, self._prepare(program, param, hyper, None), hyper)
+                elif program.whole_matrix:
+                    spread.append((program, param, grad, hyper, sharding))
                 else:  # statistics of the whole tensor are all-reduced inside the kernels
                     with distributed.sharded(sharding):
-                        self._step_one(program, param, grad, hyper, sharding)
+                        state = self._prepare(program, param, hyper, sharding)
+                        local_param = distributed.local(param)
+                        self._kernel(program, local_param)(local_param, distributed.local(grad), state, hyper)
+        self._step_spread(spread)
         return loss
 
-    def _step_one(self, program: Program, param, grad, hyper, sharding) -> None:
-        # A sharded (DTensor) parameter: the kernels see this rank's shard and local state.
+    def _step_spread(self, params: list) -> None:
+        """Sharded parameters whose matrix stages need whole matrices: each rank computes a share.
+
+        Pass 1 runs each update up to its first matrix stage (``on_whole`` raises ``Deferred``;
+        generated code stores nothing before its end); ``spread_whole`` computes those stages, each
+        on one rank, and hands every rank its part; pass 2 runs the updates with them.
+        """
+        runs, calls = [], []
+        for program, param, grad, hyper, sharding in params:
+            with distributed.sharded(sharding):
+                state = self._prepare(program, param, hyper, sharding)
+                local_param = distributed.local(param)
+                kernel = self._kernel(program, local_param)
+                args = (local_param, distributed.local(grad), state, hyper)
+                try:
+                    with distributed.collecting():
+                        kernel(*args)
+                except distributed.Deferred as first:
+                    runs.append((sharding, kernel, args))
+                    calls.append((sharding, first.compute, first.args))
+        for (sharding, kernel, args), result in zip(runs, distributed.spread_whole(calls), strict=True):
+            with distributed.sharded(sharding), distributed.precomputed(result):
+                kernel(*args)
+
+    def _prepare(self, program: Program, param, hyper, sharding) -> dict:
+        """The parameter's state, initialized on its first step, with ``step`` advanced; for a
+        sharded (DTensor) parameter, the local views the kernels work on."""
         local_param = distributed.local(param)
         state = self.state[param]
         if not state:
@@ -181,7 +213,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         if sharding is not None:
             state = {k: distributed.local(v) for k, v in state.items()}
-        self._kernel(program, local_param)(local_param, distributed.local(grad), state, hyper)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating state to the parameter's dtype; ours has the dtype its spec stores,
@@ -303,6 +335,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if not program.shard_local and distributed.current() is not None:
                 return "torch"  # its runtime helpers all-reduce whole-tensor statistics across shards
             return preferred if preferred in program.kernels else "torch"
+        if not program.shard_local and distributed.current() is not None and self.backend != "torch":
+            raise RuntimeError(
+                f"{type(self).__name__}: spec {program.name!r} has statistics over whole tensors, which only the "
+                f"torch backend combines across FSDP shards; use backend='torch' or 'auto', not {self.backend!r}"
+            )
         if self.backend != "inductor" and self.backend not in program.kernels:
             raise RuntimeError(
                 f"{type(self).__name__}: the {self.backend} backend has no kernels for spec {program.name!r}; "
