@@ -325,3 +325,24 @@ def test_reductions_and_matrix_primitives_on_shards_equal_the_whole_tensors():
 
     for rank, problems in enumerate(run_ranks(reductions_on_shards, WORLD)):
         assert not problems, f"rank {rank}: {problems}"
+
+
+def explicit_backend_on_shards(rank: int, world: int) -> str:
+    import optgen
+
+    model = shard_model(make_model(), world)
+    opt = optgen.load("factor4bit")(model.parameters(), backend="inductor")
+    x, y = batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    try:
+        opt.step()
+    except RuntimeError as error:
+        return str(error)
+    return "stepped"
+
+
+def test_a_backend_that_cannot_combine_shards_is_a_clear_error():
+    from distributed_run import run_ranks
+
+    for message in run_ranks(explicit_backend_on_shards, WORLD):
+        assert "only the torch backend combines across FSDP shards" in message, message
