@@ -6,7 +6,9 @@ Predicted (no tensors made) from each spec's plan, exactly as ``optgen memory``:
 the model's parameter shapes (`optgen.memory.model_shapes`, untied head). "Training memory" counts
 parameters + gradients + optimizer state, for float32 and for bfloat16 parameters and gradients
 (optgen keeps state in the spec's storage dtypes either way); activations, which depend on batch and
-sequence length, are not counted.
+sequence length, are not counted. A routed spec (``applies_to`` / ``otherwise``, e.g. swan) gets a
+second row, ``<spec>, param_groups``: the embedding and head on its fall-back, as
+``optgen.param_groups(model)`` sends them (SWAN's paper setup); the plain row routes by shape alone.
 
 Measured: the parameters of ``--measure`` models are allocated on the device with random gradients,
 one ``step()`` runs, and the optimizer's state is counted — ``state_bytes()`` on CPU; on CUDA also
@@ -24,11 +26,17 @@ from pathlib import Path
 import torch
 
 import optgen
-from optgen.codegen.spec import load_spec
+from optgen.codegen.spec import Spec, load_spec
 from optgen.memory import MODELS, model_shapes, state_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 1024**3
+
+
+def split_state_bytes(spec: Spec, shapes: list[tuple[int, ...]], vocab: int) -> int:
+    """State bytes with the vocabulary-sized matrices (embedding, head) on the spec's fall-back."""
+    fallback = spec.routing.otherwise
+    return sum((fallback if shape[0] == vocab else spec).spec_for(shape).state_nbytes(shape) for shape in shapes)
 
 
 def predicted_rows(specs: list[str], models: list[str]) -> list[dict[str, object]]:
@@ -37,22 +45,27 @@ def predicted_rows(specs: list[str], models: list[str]) -> list[dict[str, object
         shapes = model_shapes(model)
         baseline = None
         for name in specs:
-            m = state_memory(load_spec(name), shapes)
+            spec = load_spec(name)
+            m = state_memory(spec, shapes)
             n = m["params"]
-            total32, total16 = (2 * width * n + m["state_bytes"] for width in (4, 2))
-            baseline = baseline or total32
-            rows.append(
-                {
-                    "model": model,
-                    "spec": name,
-                    "params": n,
-                    "state_GiB": m["state_bytes"] / GIB,
-                    "state_bytes_per_param": m["bytes_per_param"],
-                    "train_GiB_fp32": total32 / GIB,
-                    "train_GiB_bf16": total16 / GIB,
-                    "train_fp32_vs_first": total32 / baseline,
-                }
-            )
+            variants = [(name, m["state_bytes"])]
+            if spec.routing:
+                variants.append((f"{name}, param_groups", split_state_bytes(spec, shapes, MODELS[model][3])))
+            for label, state in variants:
+                total32, total16 = (2 * width * n + state for width in (4, 2))
+                baseline = baseline or total32
+                rows.append(
+                    {
+                        "model": model,
+                        "spec": label,
+                        "params": n,
+                        "state_GiB": state / GIB,
+                        "state_bytes_per_param": state / n,
+                        "train_GiB_fp32": total32 / GIB,
+                        "train_GiB_bf16": total16 / GIB,
+                        "train_fp32_vs_first": total32 / baseline,
+                    }
+                )
     return rows
 
 
@@ -109,7 +122,9 @@ def print_table(rows: list[dict[str, object]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--specs", nargs="+", default=["adamw", "adamw8bit", "adamw4bit", "sgdm4bit"])
+    parser.add_argument(
+        "--specs", nargs="+", default=["adamw", "adamw8bit", "adamw4bit", "factor4bit", "swan", "sgdm4bit"]
+    )
     parser.add_argument("--models", nargs="+", default=["llama-60m", "llama-350m", "llama-1.3b", "llama-7b"])
     parser.add_argument(
         "--measure", nargs="*", help="models to allocate and step (default: llama-60m; on CUDA up to 1.3b)"

@@ -17,11 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_lm import RESULTS, read_csv  # noqa: E402
+from train_lm import BASELINE, RESULTS, read_csv  # noqa: E402
 
 
 def plot_runs(paths: list[Path], out_dir: Path, prefix: str) -> tuple[Path, Path]:
-    runs = [(path, *read_csv(path)) for path in paths]
+    # the baseline first (drawn black, dashed), then by label
+    runs = sorted(
+        ((path, *read_csv(path)) for path in paths), key=lambda r: (r[1]["optimizer"] != BASELINE, r[1]["label"])
+    )
     if not runs:
         raise SystemExit("plot: no CSV files given")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -30,7 +33,8 @@ def plot_runs(paths: list[Path], out_dir: Path, prefix: str) -> tuple[Path, Path
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for _, meta, rows in runs:
-        ax.plot([r["tokens"] / 1e6 for r in rows], [r["eval_loss"] for r in rows], label=meta["label"])
+        style = {"color": "black", "linestyle": "--"} if meta["optimizer"] == BASELINE else {}
+        ax.plot([r["tokens"] / 1e6 for r in rows], [r["eval_loss"] for r in rows], label=meta["label"], **style)
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("eval loss (nats/byte)")
     ax.set_title(title, fontsize=9)
@@ -48,6 +52,7 @@ def plot_runs(paths: list[Path], out_dir: Path, prefix: str) -> tuple[Path, Path
     per_param = [int(meta["state_bytes"]) / int(meta["params"]) for _, meta, _ in runs]
     bars = ax.bar(labels, per_param, color="tab:blue")
     ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylim(0, max(per_param) * 1.15)  # room for the labels
     ax.set_ylabel("optimizer state bytes / param")
     ax.set_title(title, fontsize=9)
     ax.tick_params(axis="x", labelrotation=20)

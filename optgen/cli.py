@@ -59,6 +59,15 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
             source = emit_triton(plan, header(sub))
             print(source or f"# {sub.name}: the triton backend declines this plan (the torch kernels run it)")
+        elif args.mlir:
+            from optgen.codegen.emit_mlir import mlir_modules
+
+            for variant, text in mlir_modules(plan).items():
+                print(
+                    text
+                    if variant == "unsupported"
+                    else f"// {sub.name}, variant {variant} (param dtype-layout)\n{text}"
+                )
         else:
             print(emit_torch(plan, header(sub)) if args.torch else plan.render())
     return 0
@@ -173,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--plan", action="store_true", help="the plan: host scalars, stages (default)")
     what.add_argument("--torch", action="store_true", help="the generated torch kernels")
     what.add_argument("--triton", action="store_true", help="the generated Triton kernels")
+    what.add_argument("--mlir", action="store_true", help="the generated MLIR (linalg/scf over memrefs), per variant")
     p.set_defaults(run=_cmd_show)
     return top
 

@@ -13,6 +13,7 @@ loop over super-blocks (a whole number of every block-wise store's blocks): dequ
 keep the new block-wise values in a stack buffer, then per block absmax → scale, nearest code by
 midpoint search, pack, write.  Rank-1 / per-tensor stores get their new scales from the plan's
 ``stats`` stage, which recomputes the value and reduces its row / column (or total) maxima.
+``_quantized_stage`` describes the loop shapes that let LLVM vectorize these loops.
 
 Plans this backend cannot run (reductions, rows/cols values, other stage ops) get no MLIR module
 (``emit_mlir`` returns None) and run on the torch kernels.
@@ -72,7 +73,7 @@ def mlir_modules(plan: Plan) -> dict[str, str]:
         program = _Program(plan)
         return {f"{d}-{layout}": program.module(d, layout) for d, layout in program.variant_keys()}
     except Unsupported as error:
-        return {"unsupported": f"// the MLIR backend does not run this plan: {error}"}
+        return {"unsupported": f"// {plan.spec.name}: the MLIR backend declines this plan ({error}); torch runs it"}
 
 
 # -- plan analysis ---------------------------------------------------------------------------------
@@ -441,7 +442,7 @@ def _doc(stage: Stage) -> list[str]:
 
 
 def _table_global(scheme: QuantScheme, what: str, globals_: dict) -> str:
-    values = scheme.values if what == "table" else midpoints(scheme.values)
+    values = scheme.values if what == "table" else _padded_midpoints(scheme)
     name = f"@{what}_{scheme.name.replace('-', '_')}"
     if name not in globals_:
         dense = ", ".join(f32_literal(v) for v in values)
@@ -449,17 +450,23 @@ def _table_global(scheme: QuantScheme, what: str, globals_: dict) -> str:
     return name
 
 
-def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, globals_: dict) -> dict:
+def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, globals_: dict) -> dict | None:
     """A stage of a quantized plan: scf loops over super-blocks [lo, hi) of the flattened tensor.
 
     Arguments: lo, hi (super-blocks), n (numel), cols (last dim, rank-1), then per tensor either one
     memref (param, grad, float state) or a quantized bundle (block: codes, scales; rank1: codes,
     old rows, old cols, new rows, new cols; tensor: codes, old, new), then for a stats stage its
-    maxima outputs (rank1: rows, cols; tensor: one), then the f32 scalars."""
+    maxima outputs (rank1: rows, cols; tensor: one), then the f32 scalars.
+
+    Per super-block the loops are kept simple enough for LLVM to vectorize them: 4-bit codes are
+    unpacked into a stack buffer first and packed from one after (no read-modify-write of a shared
+    byte inside the element loop), a rank-1 layout walks row segments (row scale fixed, column
+    scales contiguous: no integer division per element), and codes come from comparisons with
+    constant midpoints rather than a data-dependent search."""
     names = program.tensors(stage)
     writes = program.writes(stage)
     scalars = program.stage_rows()[stage.index]["scalars"]
-    superblock = program.superblock(layout)
+    L = program.superblock(layout)
     body = Body()
     args = ["%lo: index", "%hi: index", "%n: index", "%cols: index"]
     quant = {k: program.layout_of(k, layout) for k in names if k in program.quantized_keys}
@@ -471,70 +478,172 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
             args += [f"%{k}_{p}: memref<?x{'i8' if p == 'codes' else 'f32'}>" for p in parts]
         else:
             args.append(f"%{k}: memref<?x{program.storage_type(k, dtype)}>")
-    target = None
+    norm = None
     if stage.op == "stats":
-        target = program.stats_target(stage)
-        norm = program.layout_of(target, layout)[0]
+        norm = program.layout_of(program.stats_target(stage), layout)[0]
         if norm == "block":  # the flat variant of a rank-1 store: the write stage reduces it
             return None
         args += (
             ["%max_rows: memref<?xf32>", "%max_cols: memref<?xf32>"] if norm == "rank1" else ["%max_all: memref<?xf32>"]
         )
     args += [f"%{n}: f32" for n in scalars]
+    schemes = program.quantized_keys
+    reads = {program.key(s) for s in stage.inputs if program.is_tensor(s)}
+    stores = dict(program.stores(stage))
 
-    i = 3
-    L = superblock
+    def superblock(length: str, i: int) -> None:
+        """The loops over one super-block of ``length`` elements from ``start`` (indent ``i``)."""
+        pairs = body.op(f"arith.ceildivui {length}, {body.index(2)} : index", i)
+        first_byte = body.op(f"arith.shrui {start}, %c_1 : index", i)
+        for k, buf in unpacked.items():
+            _unpack(body, i, k, buf, pairs, first_byte, L)
+        # a block-wise input with one block per super-block: its scale is loaded once, before the loops
+        block_scales = {
+            k: body.op(f"memref.load %{k}_scales[{body.op(f'arith.divui {start}, %L : index', i)}] : memref<?xf32>", i)
+            for k in quant
+            if k in reads and quant[k] == ("block", L)
+        }
+
+        # rank-1 scales: row segments [max(start, r * cols), min(end, (r + 1) * cols)) of the super-block, so
+        # the row scale is fixed and column scales are contiguous (no integer division per element).  A stats
+        # stage reduces over the segments directly; a write stage first fills per-element scale buffers.
+        segments = norm == "rank1"
+        if scale_bufs or segments:
+            first_row = body.op(f"arith.divui {start}, %cols : index", i)
+            last_row = body.op(f"arith.divui {body.op(f'arith.subi {end}, %c_1 : index', i)}, %cols : index", i)
+            body.raw(
+                f"scf.for %r = {first_row} to {body.op(f'arith.addi {last_row}, %c_1 : index', i)} step %c_1 {{", i
+            )
+            row_start = body.op("arith.muli %r, %cols : index", i + 1)
+            seg_lo = body.op(f"arith.maxui {row_start}, {start} : index", i + 1)
+            seg_hi = body.op(
+                f"arith.minui {body.op(f'arith.addi {row_start}, %cols : index', i + 1)}, {end} : index", i + 1
+            )
+            lo, hi = (
+                body.op(f"arith.subi {seg_lo}, {start} : index", i + 1),
+                body.op(f"arith.subi {seg_hi}, {start} : index", i + 1),
+            )
+            at = {"row": "%r", "col": lambda e: body.op(f"arith.subi {e}, {row_start} : index", i + 2)}
+        if scale_bufs:
+            rows = {
+                kn: body.op(f"memref.load %{kn[0]}_{'n' if kn[1] else 'o'}row[%r] : memref<?xf32>", i + 1)
+                for kn in scale_bufs
+            }
+            body.raw(f"scf.for %i = {lo} to {hi} step %c_1 {{", i + 1)
+            col = at["col"](body.op(f"arith.addi {start}, %i : index", i + 2))
+            for (k, new), buf in scale_bufs.items():
+                column = body.op(f"memref.load %{k}_{'n' if new else 'o'}col[{col}] : memref<?xf32>", i + 2)
+                smaller = body.op(f"arith.minimumf {rows[(k, new)]}, {column} : f32", i + 2)
+                body.raw(f"memref.store {smaller}, {buf}[%i] : memref<{L}xf32>", i + 2)
+            body.raw("}", i + 1)
+            body.raw("}", i)
+        if segments:
+            outer = i + 1
+        else:
+            lo, hi, outer = "%c_0", length, i
+        j = outer + 1
+        # a block-wise store with one block per super-block: its absmax is reduced by the element loop
+        fused = [] if segments else [k for k in buffers if quant[k] == ("block", L)]
+        if segments:
+            loop = body.op(f"scf.for %i = {lo} to {hi} step %c_1 iter_args(%acc = {body.f32(0.0)}) -> (f32) {{", outer)
+        elif fused:
+            loop = f"%absmax{body.count}"
+            body.count += 1
+            inits = ", ".join(f"%amax_{k} = {body.f32(0.0)}" for k in fused)
+            body.raw(
+                f"{loop}:{len(fused)} = scf.for %i = {lo} to {hi} step %c_1 iter_args({inits}) -> "
+                f"({', '.join(['f32'] * len(fused))}) {{",
+                outer,
+            )
+        else:
+            body.raw(f"scf.for %i = {lo} to {hi} step %c_1 {{", outer)
+        e = body.op(f"arith.addi {start}, %i : index", j)
+        where = {"e": e, "i": "%i", "block_scales": block_scales, "scale_bufs": scale_bufs, "L": L}
+        if segments:
+            where |= {"row": "%r", "col": at["col"](e)}
+        env = {sympy.Symbol(n): f"%{n}" for n in scalars}
+        for symbol in stage.inputs:
+            if not program.is_tensor(symbol):
+                continue
+            k = program.key(symbol)
+            if k in quant:
+                env[symbol] = _dequantize(body, j, k, schemes[k], quant[k], where, unpacked.get(k), L, globals_)
+            else:
+                t = program.storage_type(k, dtype)
+                loaded = body.op(f"memref.load %{k}[{e}] : memref<?x{t}>", j)
+                env[symbol] = loaded if t == "f32" else body.op(f"arith.extf {loaded} : {t} to f32", j)
+        Lowering(body, env, j).lets(stage.lets)
+        if stage.op == "stats":
+            magnitude = body.op(f"math.absf {env[stage.outputs[0]]} : f32", j)
+            if norm == "rank1":
+                old = body.op(f"memref.load %max_cols[{where['col']}] : memref<?xf32>", j)
+                larger = body.op(f"arith.maximumf {old}, {magnitude} : f32", j)
+                body.raw(f"memref.store {larger}, %max_cols[{where['col']}] : memref<?xf32>", j)
+            else:
+                old = body.op("memref.load %max_all[%c_0] : memref<?xf32>", j)
+                larger = body.op(f"arith.maximumf {old}, {magnitude} : f32", j)
+                body.raw(f"memref.store {larger}, %max_all[%c_0] : memref<?xf32>", j)
+        for k, value in ((k, env[s]) for k, s in stores.items()):
+            if k in buffers:
+                body.raw(f"memref.store {value}, {buffers[k]}[%i] : memref<{L}xf32>", j)
+            elif k in quant:
+                scale = _element_scale(body, j, k, quant[k], where, new=True)
+                code = _encode(body, j, schemes[k], value, scale, globals_)
+                if k in packs:
+                    body.raw(f"memref.store {code}, {packs[k]}[%i] : memref<{L}xi8>", j)
+                else:
+                    body.raw(f"memref.store {code}, %{k}_codes[{e}] : memref<?xi8>", j)
+            else:
+                t = program.storage_type(k, dtype)
+                stored = value if t == "f32" else body.op(f"arith.truncf {value} : f32 to {t}", j)
+                body.raw(f"memref.store {stored}, %{k}[{e}] : memref<?x{t}>", j)
+        if segments:
+            body.raw(f"scf.yield {body.op(f'arith.maximumf %acc, {magnitude} : f32', j)} : f32", j)
+        elif fused:
+            larger = [
+                body.op(f"arith.maximumf %amax_{k}, {body.op(f'math.absf {env[stores[k]]} : f32', j)} : f32", j)
+                for k in fused
+            ]
+            body.raw(f"scf.yield {', '.join(larger)} : {', '.join(['f32'] * len(fused))}", j)
+        body.raw("}", outer)
+        if segments:
+            old = body.op("memref.load %max_rows[%r] : memref<?xf32>", outer)
+            body.raw(
+                f"memref.store {body.op(f'arith.maximumf {old}, {loop} : f32', outer)}, %max_rows[%r] : memref<?xf32>",
+                outer,
+            )
+        if segments:
+            body.raw("}", i)
+        for k, buf in packs.items():
+            _pack(body, i, k, buf, pairs, first_byte, length, L)
+        for k, buf in buffers.items():
+            absmax = f"{loop}#{fused.index(k)}" if k in fused else None
+            _requantize_blocks(body, i, k, schemes[k], quant[k][1], L, buf, start, length, globals_, absmax)
+
     body.raw(f"%L = arith.constant {L} : index", 2)
+    unpacked = {k: f"%unpacked_{k}" for k in quant if k in reads and schemes[k].bits == 4}
     buffers = {k: f"%buf_{k}" for k in writes if k in quant and quant[k][0] == "block"}
-    for buf in buffers.values():
+    packs = {k: f"%pack_{k}" for k in writes if k in quant and k not in buffers and schemes[k].bits == 4}
+    for buf in [*unpacked.values(), *packs.values()]:
+        body.raw(f"{buf} = memref.alloca() : memref<{L}xi8>", 2)
+    scale_bufs: dict[tuple[str, bool], str] = {}  # (rank-1 key, new scales?) -> per-element scales
+    if norm != "rank1":
+        for k in (k for k in quant if quant[k][0] == "rank1"):
+            scale_bufs |= {(k, False): f"%scale_{k}_old"} if k in reads else {}
+            scale_bufs |= {(k, True): f"%scale_{k}_new"} if k in stores else {}
+    for buf in [*buffers.values(), *scale_bufs.values()]:
         body.raw(f"{buf} = memref.alloca() : memref<{L}xf32>", 2)
     body.raw("scf.for %sb = %lo to %hi step %c_1 {", 2)
-    start = body.op("arith.muli %sb, %L : index", i)
-    end = body.op(f"arith.minui {body.op(f'arith.addi {start}, %L : index', i)}, %n : index", i)
-    length = body.op(f"arith.subi {end}, {start} : index", i)
-    body.raw(f"scf.for %i = %c_0 to {length} step %c_1 {{", i)
-    j = i + 1
-    e = body.op(f"arith.addi {start}, %i : index", j)
-    env = {sympy.Symbol(n): f"%{n}" for n in scalars}
-    for symbol in stage.inputs:
-        if not program.is_tensor(symbol):
-            continue
-        k = program.key(symbol)
-        if k in quant:
-            env[symbol] = _dequantize(body, j, k, program.quantized_keys[k], quant[k], e, globals_)
-        else:
-            t = program.storage_type(k, dtype)
-            loaded = body.op(f"memref.load %{k}[{e}] : memref<?x{t}>", j)
-            env[symbol] = loaded if t == "f32" else body.op(f"arith.extf {loaded} : {t} to f32", j)
-    Lowering(body, env, j).lets(stage.lets)
-    if stage.op == "stats":
-        magnitude = body.op(f"math.absf {env[stage.outputs[0]]} : f32", j)
-        if norm == "rank1":
-            row = body.op(f"arith.divui {e}, %cols : index", j)
-            col = body.op(f"arith.remui {e}, %cols : index", j)
-            for buf, at in (("%max_rows", row), ("%max_cols", col)):
-                old = body.op(f"memref.load {buf}[{at}] : memref<?xf32>", j)
-                larger = body.op(f"arith.maximumf {old}, {magnitude} : f32", j)
-                body.raw(f"memref.store {larger}, {buf}[{at}] : memref<?xf32>", j)
-        else:
-            old = body.op("memref.load %max_all[%c_0] : memref<?xf32>", j)
-            larger = body.op(f"arith.maximumf {old}, {magnitude} : f32", j)
-            body.raw(f"memref.store {larger}, %max_all[%c_0] : memref<?xf32>", j)
-    for k, symbol in program.stores(stage):
-        value = env[symbol]
-        if k in buffers:
-            body.raw(f"memref.store {value}, {buffers[k]}[%i] : memref<{L}xf32>", j)
-        elif k in quant:
-            scale = _element_scale(body, j, k, quant[k][0], e, new=True)
-            code = _encode(body, j, program.quantized_keys[k], value, scale, globals_)
-            _store_code(body, j, k, program.quantized_keys[k].bits, code, e)
-        else:
-            t = program.storage_type(k, dtype)
-            stored = value if t == "f32" else body.op(f"arith.truncf {value} : f32 to {t}", j)
-            body.raw(f"memref.store {stored}, %{k}[{e}] : memref<?x{t}>", j)
-    body.raw("}", i)
-    for k, buf in buffers.items():
-        _requantize_blocks(body, i, k, program.quantized_keys[k], quant[k][1], L, buf, start, length, globals_)
+    start = body.op("arith.muli %sb, %L : index", 3)
+    end = body.op(f"arith.minui {body.op(f'arith.addi {start}, %L : index', 3)}, %n : index", 3)
+    length = body.op(f"arith.subi {end}, {start} : index", 3)
+    # a whole super-block (all but maybe the last) runs loops of constant trip count: no remainders
+    whole = body.op(f"arith.cmpi eq, {length}, %L : index", 3)
+    body.raw(f"scf.if {whole} {{", 3)
+    superblock("%L", 4)
+    body.raw("} else {", 3)
+    superblock(length, 4)
+    body.raw("}", 3)
     body.raw("}", 2)
     body.raw("return", 2)
     return {
@@ -548,81 +657,130 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
     }
 
 
-def _dequantize(body: Body, ind: int, key: str, scheme: QuantScheme, layout: tuple, e: str, globals_: dict) -> str:
-    code = _load_code(body, ind, key, scheme.bits, e)
-    table = body.op(
-        f"memref.get_global {_table_global(scheme, 'table', globals_)} : memref<{len(scheme.values)}xf32>", ind
+def _unpack(body: Body, ind: int, key: str, buf: str, pairs: str, first_byte: str, L: int) -> None:
+    """The super-block's 4-bit codes, one per byte of ``buf`` (low nibble = even element)."""
+    body.raw(f"scf.for %q = %c_0 to {pairs} step %c_1 {{", ind)
+    k = ind + 1
+    byte = body.op(f"memref.load %{key}_codes[{body.op(f'arith.addi {first_byte}, %q : index', k)}] : memref<?xi8>", k)
+    even = body.op("arith.shli %q, %c_1 : index", k)
+    low = body.op(f"arith.andi {byte}, {body.const('15', 'i8')} : i8", k)
+    high = body.op(f"arith.shrui {byte}, {body.const('4', 'i8')} : i8", k)
+    body.raw(f"memref.store {low}, {buf}[{even}] : memref<{L}xi8>", k)
+    body.raw(f"memref.store {high}, {buf}[{body.op(f'arith.addi {even}, %c_1 : index', k)}] : memref<{L}xi8>", k)
+    body.raw("}", ind)
+
+
+def _pack(body: Body, ind: int, key: str, buf: str, pairs: str, first_byte: str, length: str, L: int) -> None:
+    """Pairs of codes from ``buf`` into bytes; the odd partner of an odd-sized tensor's last element is 0."""
+    body.raw(f"scf.for %q = %c_0 to {pairs} step %c_1 {{", ind)
+    k = ind + 1
+    even = body.op("arith.shli %q, %c_1 : index", k)
+    odd = body.op(f"arith.addi {even}, %c_1 : index", k)
+    low = body.op(f"memref.load {buf}[{even}] : memref<{L}xi8>", k)
+    high = body.op(f"memref.load {buf}[{odd}] : memref<{L}xi8>", k)
+    high = body.op(
+        f"arith.select {body.op(f'arith.cmpi ult, {odd}, {length} : index', k)}, {high}, {body.const('0', 'i8')} : i8",
+        k,
     )
-    entry = body.op(f"memref.load {table}[{code}] : memref<{len(scheme.values)}xf32>", ind)
-    scale = _element_scale(body, ind, key, layout[0], e, new=False, block=layout[1])
-    return body.op(f"arith.mulf {entry}, {scale} : f32", ind)
+    shifted = body.op(f"arith.shli {high}, {body.const('4', 'i8')} : i8", k)
+    byte = body.op(f"arith.ori {low}, {shifted} : i8", k)
+    body.raw(
+        f"memref.store {byte}, %{key}_codes[{body.op(f'arith.addi {first_byte}, %q : index', k)}] : memref<?xi8>", k
+    )
+    body.raw("}", ind)
 
 
-def _load_code(body: Body, ind: int, key: str, bits: int, e: str) -> str:
-    if bits == 8:
-        byte = body.op(f"memref.load %{key}_codes[{e}] : memref<?xi8>", ind)
-        return body.op(f"arith.index_castui {byte} : i8 to index", ind)
-    byte = body.op(f"memref.load %{key}_codes[{body.op(f'arith.shrui {e}, %c_1 : index', ind)}] : memref<?xi8>", ind)
-    odd = body.op(f"arith.andi {e}, %c_1 : index", ind)
-    shift = body.op(f"arith.index_cast {body.op(f'arith.muli {odd}, {body.index(4)} : index', ind)} : index to i8", ind)
-    mask = body.const("15", "i8")
-    nibble = body.op(f"arith.andi {body.op(f'arith.shrui {byte}, {shift} : i8', ind)}, {mask} : i8", ind)
-    return body.op(f"arith.index_castui {nibble} : i8 to index", ind)
+def _dequantize(body, ind, key, scheme, layout, where, unpacked, L, globals_) -> str:
+    if unpacked is not None:
+        code = body.op(f"memref.load {unpacked}[{where['i']}] : memref<{L}xi8>", ind)
+    else:
+        code = body.op(f"memref.load %{key}_codes[{where['e']}] : memref<?xi8>", ind)
+    scale = _element_scale(body, ind, key, layout, where, new=False)
+    return body.op(f"arith.mulf {_table_entry(body, ind, scheme, code, globals_)}, {scale} : f32", ind)
 
 
-def _element_scale(body: Body, ind: int, key: str, norm: str, e: str, new: bool, block: int = 0) -> str:
+def _table_entry(body: Body, ind: int, scheme: QuantScheme, code: str, globals_: dict) -> str:
+    """The table value of an i8 code: for 4-bit tables a tree of selects on the code's bits (constants,
+    so the element loop vectorizes without gathers); for larger tables a load."""
+    values = list(scheme.values)
+    if len(values) > 16:
+        table = body.op(
+            f"memref.get_global {_table_global(scheme, 'table', globals_)} : memref<{len(values)}xf32>", ind
+        )
+        index = body.op(f"arith.index_castui {code} : i8 to index", ind)
+        return body.op(f"memref.load {table}[{index}] : memref<{len(values)}xf32>", ind)
+    values += [values[-1]] * (16 - len(values))
+    level = [body.f32(v) for v in values]
+    for bit in range(4):
+        mask = body.op(f"arith.andi {code}, {body.const(str(1 << bit), 'i8')} : i8", ind)
+        is_set = body.op(f"arith.cmpi ne, {mask}, {body.const('0', 'i8')} : i8", ind)
+        level = [
+            body.op(f"arith.select {is_set}, {high}, {low} : f32", ind) for low, high in zip(level[::2], level[1::2])
+        ]
+    return level[0]
+
+
+def _element_scale(body: Body, ind: int, key: str, layout: tuple, where: dict, new: bool) -> str:
+    norm, block = layout
     if norm == "block":
-        at = body.op(f"arith.divui {e}, {body.index(block)} : index", ind)
+        if not new and key in where["block_scales"]:
+            return where["block_scales"][key]
+        at = body.op(f"arith.divui {where['e']}, {body.index(block)} : index", ind)
         return body.op(f"memref.load %{key}_scales[{at}] : memref<?xf32>", ind)
     if norm == "rank1":
-        row = body.op(f"arith.divui {e}, %cols : index", ind)
-        col = body.op(f"arith.remui {e}, %cols : index", ind)
+        if (key, new) in where["scale_bufs"]:
+            L = where["L"]
+            return body.op(f"memref.load {where['scale_bufs'][(key, new)]}[{where['i']}] : memref<{L}xf32>", ind)
         rows, cols = (f"%{key}_nrow", f"%{key}_ncol") if new else (f"%{key}_orow", f"%{key}_ocol")
-        a = body.op(f"memref.load {rows}[{row}] : memref<?xf32>", ind)
-        b = body.op(f"memref.load {cols}[{col}] : memref<?xf32>", ind)
+        a = body.op(f"memref.load {rows}[{where['row']}] : memref<?xf32>", ind)
+        b = body.op(f"memref.load {cols}[{where['col']}] : memref<?xf32>", ind)
         return body.op(f"arith.minimumf {a}, {b} : f32", ind)
     return body.op(f"memref.load %{key}_{'new' if new else 'old'}[%c_0] : memref<?xf32>", ind)
 
 
 def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, globals_: dict) -> str:
-    """Nearest table entry of value / scale: the count of midpoints below it (branch-free search)."""
+    """Nearest table entry of value / scale: the count of midpoints below it (NaN: none)."""
     zero, one = body.f32(0.0), body.f32(1.0)
     positive = body.op(f"arith.cmpf ogt, {scale}, {zero} : f32", ind)
     safe = body.op(f"arith.select {positive}, {scale}, {one} : f32", ind)  # all-zero blocks: x / 1
     x = body.op(f"arith.divf {value}, {safe} : f32", ind)
-    mids = midpoints(scheme.values)
-    table = body.op(f"memref.get_global {_table_global(scheme, 'midpoints', globals_)} : memref<{len(mids)}xf32>", ind)
-    position = body.index(0)
-    step = 1 << (len(mids).bit_length() - 1)
-    while step:
-        probe = body.op(f"arith.addi {position}, {body.index(step - 1)} : index", ind)
-        inside = body.op(f"arith.cmpi ult, {probe}, {body.index(len(mids))} : index", ind)
-        clamped = body.op(f"arith.minui {probe}, {body.index(len(mids) - 1)} : index", ind)
-        mid = body.op(f"memref.load {table}[{clamped}] : memref<{len(mids)}xf32>", ind)
-        below = body.op(f"arith.andi {inside}, {body.op(f'arith.cmpf olt, {mid}, {x} : f32', ind)} : i1", ind)
-        moved = body.op(f"arith.addi {position}, {body.index(step)} : index", ind)
-        position = body.op(f"arith.select {below}, {moved}, {position} : index", ind)
-        step >>= 1
-    return body.op(f"arith.index_castui {position} : index to i8", ind)
+    mids = _padded_midpoints(scheme)
+    levels = len(mids).bit_length()
+    bits: list[str] = []  # "the probed midpoint is below x", per level, most significant first
+    code = body.const("0", "i32")
+    for level in range(levels):  # branch-free binary search
+        step = 1 << (levels - 1 - level)
+        if level < 6:  # up to 32 candidates: constants picked by selects on the bits so far (vectorizes)
+            candidates = [body.f32(mids[k * 2 * step + step - 1]) for k in range(1 << level)]
+            for bit in reversed(bits):
+                candidates = [
+                    body.op(f"arith.select {bit}, {b}, {a} : f32", ind)
+                    for a, b in zip(candidates[::2], candidates[1::2])
+                ]
+            mid = candidates[0]
+        else:  # 8-bit tables: the later levels load their probe
+            table = body.op(
+                f"memref.get_global {_table_global(scheme, 'midpoints', globals_)} : memref<{len(mids)}xf32>", ind
+            )
+            offset = body.const(str(step - 1), "i32")
+            probe = body.op(f"arith.addi {code}, {offset} : i32", ind)
+            probe = body.op(f"arith.index_castui {probe} : i32 to index", ind)
+            mid = body.op(f"memref.load {table}[{probe}] : memref<{len(mids)}xf32>", ind)
+        bits.append(body.op(f"arith.cmpf olt, {mid}, {x} : f32", ind))
+        moved = body.op(f"arith.ori {code}, {body.const(str(step), 'i32')} : i32", ind)
+        code = body.op(f"arith.select {bits[-1]}, {moved}, {code} : i32", ind)
+    return body.op(f"arith.trunci {code} : i32 to i8", ind)
 
 
-def _store_code(body: Body, ind: int, key: str, bits: int, code: str, e: str) -> None:
-    if bits == 8:
-        body.raw(f"memref.store {code}, %{key}_codes[{e}] : memref<?xi8>", ind)
-        return
-    at = body.op(f"arith.shrui {e}, %c_1 : index", ind)
-    byte = body.op(f"memref.load %{key}_codes[{at}] : memref<?xi8>", ind)
-    odd = body.op(f"arith.andi {e}, %c_1 : index", ind)
-    shift = body.op(f"arith.index_cast {body.op(f'arith.muli {odd}, {body.index(4)} : index', ind)} : index to i8", ind)
-    mask, ones = body.const("15", "i8"), body.const("-1", "i8")
-    keep = body.op(f"arith.xori {body.op(f'arith.shli {mask}, {shift} : i8', ind)}, {ones} : i8", ind)
-    kept = body.op(f"arith.andi {byte}, {keep} : i8", ind)
-    merged = body.op(f"arith.ori {kept}, {body.op(f'arith.shli {code}, {shift} : i8', ind)} : i8", ind)
-    body.raw(f"memref.store {merged}, %{key}_codes[{at}] : memref<?xi8>", ind)
+def _padded_midpoints(scheme: QuantScheme) -> list[float]:
+    """The midpoints, padded with +inf (never below x) to 2**k - 1 entries: a complete search tree."""
+    mids = list(midpoints(scheme.values))
+    return mids + [math.inf] * ((1 << len(mids).bit_length()) - 1 - len(mids))
 
 
-def _requantize_blocks(body, ind, key, scheme, block, L, buf, start, length, globals_) -> None:
-    """Per block of the super-block: absmax → new scale, then codes (4-bit: packed pairs)."""
+def _requantize_blocks(body, ind, key, scheme, block, L, buf, start, length, globals_, absmax=None) -> None:
+    """Per block of the super-block: absmax → new scale, then codes (4-bit: packed pairs).
+    ``absmax``: already reduced by the element loop (one block per super-block)."""
     B = body.index(block)
     count = body.op(f"arith.ceildivui {length}, {B} : index", ind)
     first = body.op(f"arith.divui {start}, {B} : index", ind)
@@ -630,11 +788,12 @@ def _requantize_blocks(body, ind, key, scheme, block, L, buf, start, length, glo
     k = ind + 1
     lo = body.op(f"arith.muli %b_{key}, {B} : index", k)
     hi = body.op(f"arith.minui {body.op(f'arith.addi {lo}, {B} : index', k)}, {length} : index", k)
-    absmax = body.op(f"scf.for %j = {lo} to {hi} step %c_1 iter_args(%acc = {body.f32(0.0)}) -> (f32) {{", k)
-    x = body.op(f"memref.load {buf}[%j] : memref<{L}xf32>", k + 1)
-    magnitude = body.op(f"math.absf {x} : f32", k + 1)
-    body.raw(f"scf.yield {body.op(f'arith.maximumf %acc, {magnitude} : f32', k + 1)} : f32", k + 1)
-    body.raw("}", k)
+    if absmax is None:
+        absmax = body.op(f"scf.for %j = {lo} to {hi} step %c_1 iter_args(%acc = {body.f32(0.0)}) -> (f32) {{", k)
+        x = body.op(f"memref.load {buf}[%j] : memref<{L}xf32>", k + 1)
+        magnitude = body.op(f"math.absf {x} : f32", k + 1)
+        body.raw(f"scf.yield {body.op(f'arith.maximumf %acc, {magnitude} : f32', k + 1)} : f32", k + 1)
+        body.raw("}", k)
     at = body.op(f"arith.addi {first}, %b_{key} : index", k)
     body.raw(f"memref.store {absmax}, %{key}_scales[{at}] : memref<?xf32>", k)
     if scheme.bits == 8:

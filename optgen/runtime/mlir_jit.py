@@ -4,8 +4,10 @@ A generated ``mlir_<spec>.py`` holds MLIR text per variant (parameter dtype, lay
 ``Kernels`` object.  On first use of a variant the text goes through ``PIPELINE`` and the MLIR
 ExecutionEngine (opt level 3); the engine is cached per process by the text's hash.  Calls are
 zero-copy: each memref argument is a descriptor over the tensor's ``data_ptr()``.  Element ranges
-are split across threads (``torch.get_num_threads()`` by default); the foreign call releases the
-GIL.  Sizes are dynamic, so one compiled function serves every numel.
+(whole super-blocks for quantized state) are split across ``torch.get_num_threads()`` threads, so
+``torch.set_num_threads`` is the knob; a tensor gets one thread per ``MIN_ELEMENTS_PER_THREAD``
+elements at most, and results are the same bits for any thread count.  The foreign call releases
+the GIL.  Sizes are dynamic, so one compiled function serves every numel.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def memref(tensor: torch.Tensor, start: int = 0, stop: int | None = None) -> Mem
 
 
 _PACKED = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_FUNCTIONS: dict[int, ctypes._CFuncPtr] = {}  # address -> callable (made once: creating one costs microseconds)
 
 
 def _call(address: int, args: list) -> None:
@@ -90,7 +93,10 @@ def _call(address: int, args: list) -> None:
             packed[i] = ctypes.addressof(holder)
         else:
             packed[i] = ctypes.addressof(arg)
-    _PACKED(address)(packed)
+    function = _FUNCTIONS.get(address)
+    if function is None:
+        function = _FUNCTIONS[address] = _PACKED(address)
+    function(packed)
 
 
 # -- compilation -----------------------------------------------------------------------------------
@@ -120,6 +126,13 @@ def _compile(spec: str, variant: str, source: str, pipeline: str, digest: str) -
 
     names = re.findall(r"func\.func @(\w+)\(", source)
     context = ir.Context()
+    diagnostics: list[str] = []  # what passes and the JIT report through the context (not in the exception)
+
+    def collect(diagnostic) -> bool:
+        diagnostics.append(f"{diagnostic.location}: {diagnostic.message}")
+        return True
+
+    context.attach_diagnostic_handler(collect)
     step = "parsing"
     try:
         with context:
@@ -132,11 +145,12 @@ def _compile(spec: str, variant: str, source: str, pipeline: str, digest: str) -
     except Exception as error:  # the bindings raise MLIRError / ValueError / RuntimeError
         path = failure_dir() / f"{spec}-{variant}-{digest[:12]}.mlir"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"// pipeline: {pipeline}\n{source}")
-        stage = _failing_stage(source, str(error)) or ", ".join(names)
+        path.write_text(f"{source}\n// pipeline: {pipeline}\n")  # source first: diagnostics' line numbers hold
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] + diagnostics
+        detail = "; ".join(dict.fromkeys(lines[:4])) or type(error).__name__
+        stage = _failing_stage(source, " ".join(lines)) or ", ".join(names)
         raise MlirBackendError(
-            f"MLIR backend: {step} failed for spec {spec!r}, variant {variant}, stage {stage}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. "
+            f"MLIR backend: {step} failed for spec {spec!r}, variant {variant}, stage {stage}: {detail}. "
             f"The MLIR is in {path} (reproduce with: torch-mlir-opt --pass-pipeline='{pipeline}' {path}); "
             "backend='torch' avoids it"
         ) from error
@@ -214,9 +228,14 @@ class Kernels:
             superblocks,
         )
         self.rank1 = any(s.normalize == "rank1" for s in schemes.values())
+        self._compiled: dict[str, tuple[str, dict[str, int]]] = {}
 
     def functions(self, variant: str) -> dict[str, int]:
-        return compile_module(self.spec, variant, self.sources[variant])
+        source = self.sources[variant]
+        cached = self._compiled.get(variant)
+        if cached is None or cached[0] is not source:  # compiled once per variant (and per source text)
+            cached = self._compiled[variant] = (source, compile_module(self.spec, variant, source))
+        return cached[1]
 
     def variant(self, param: torch.Tensor, grad: torch.Tensor, state: dict) -> str | None:
         """The variant that runs this parameter, or None where the torch kernels must."""

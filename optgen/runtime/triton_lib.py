@@ -30,6 +30,23 @@ def _maximum(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)  # a NaN reaches the scale, as torch.amax
 
 
+# Combine functions of the reduction kernels (tl.reduce). Sums use triton's own (what tl.sum uses):
+# the interpreter recognizes it and sums with numpy instead of calling a Python combine per element
+# (it is passed, never called, so it works when triton was imported before TRITON_INTERPRET was set).
+# max / min keep NaN, as torch.amax / amin do.
+add = tl.standard._sum_combine
+
+
+@triton.jit
+def maximum(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def minimum(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit
 def load_float(ptr, offs, mask):
     """Element values in float32, whatever the storage dtype."""
@@ -165,7 +182,7 @@ def search_midpoints(x, mids_ptr, NMIDS: tl.constexpr, BITS: tl.constexpr):
     code = tl.full(x.shape, 0, tl.int32)
     step: tl.constexpr = 1 << (BITS - 1)
     for level in tl.static_range(BITS):
-        width: tl.constexpr = step >> level
+        width = step >> level  # not annotated: a constexpr cannot be reassigned across iterations
         probe = code + width - 1
         mid = tl.load(mids_ptr + probe, mask=probe < NMIDS, other=float("inf"))
         code = tl.where(mid < x, code + width, code)

@@ -1,0 +1,326 @@
+"""MLIR backend (CPU): every built-in spec's MLIR kernels against the torch kernels of the same spec.
+
+The torch backend is the reference here (it is itself tested against torch.optim and the fp64
+oracles in tests/oracles/).  Checked: parameters (fp32 within 1e-6 relative; bf16 rounded to
+nearest even, so equal), quantized codes (equal, or one code apart at ties) and scales, that the
+MLIR kernels really ran (not the torch fall-back), in-place updates, threads vs one thread, the
+error of a failing lowering, and `optgen show --mlir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import optgen
+from optgen.cli import main
+from optgen.codegen.emit_mlir import emit_mlir
+from optgen.codegen.plan import make_plan
+from optgen.codegen.spec import builtin_specs, load_spec
+from optgen.runtime import mlir_jit
+from optgen.runtime.state import QuantizedState
+
+# Plans with reduce / matrix stages: the MLIR emitter declines them (the torch kernels run them).
+DECLINED = {"factor4bit", "sinkgd", "swan"}
+ODD_SHAPES = [(1,), (127,), (129,), (4097,), (5000,), (67, 131), (3, 5, 301)]
+HYPER = {"sgd": {"momentum": 0.9, "weight_decay": 0.01}, "sgdm4bit": {"weight_decay": 0.01}}
+LR = 0.01  # large enough that bf16 parameters change every step
+
+
+def _emitted() -> dict[tuple[str, str], bool]:
+    """(built-in spec, routed spec) → whether the MLIR emitter produced a module for it."""
+    out = {}
+    for name, path in builtin_specs().items():
+        for sub in load_spec(path).all_specs():
+            out[(name, sub.name)] = emit_mlir(make_plan(sub), "#") is not None
+    return out
+
+
+EMITTED = _emitted()
+MLIR_SPECS = sorted({sub for (_, sub), ok in EMITTED.items() if ok})
+
+
+class CallCounter:
+    """Counts (and records the element ranges of) the MLIR kernel calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[list] = []
+        original = mlir_jit._call
+
+        def counted(address, args):
+            self.calls.append(args)
+            original(address, args)
+
+        monkeypatch.setattr(mlir_jit, "_call", counted)
+
+
+def _inputs(shapes, dtype, steps: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(steps)]
+    return params, grads
+
+
+def _train(name: str, backend: str, shapes, dtype, steps: int = 3, spec: str | None = None):
+    params, grads = _inputs(shapes, dtype, steps)
+    opt = optgen.load(spec or name)(params, lr=LR, backend=backend, **HYPER.get(name, {}))
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
+def _codes(state: QuantizedState, numel: int) -> torch.Tensor:
+    """One integer code per element (4-bit codes unpacked: low nibble first)."""
+    raw = state.codes.view(torch.uint8).to(torch.int16)
+    if state.scheme.bits == 4:
+        raw = torch.stack([raw & 15, raw >> 4], dim=-1).reshape(-1)
+    return raw.reshape(-1)[:numel]
+
+
+def _assert_params_close(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+    if a.dtype == torch.float32:
+        error = (a - b).abs().max().item()
+        assert error <= 1e-6 * max(b.abs().max().item(), 1e-30), f"{where}: max |mlir - torch| = {error:.3g}"
+        return
+    # bf16: the same fp32 value rounded to nearest even gives the same bits; allow one ulp where the
+    # fp32 values before rounding differ in their last bit (counted, and rare)
+    differ = a != b
+    ulp = torch.finfo(torch.bfloat16).eps * b.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    assert bool(((a.float() - b.float()).abs() <= ulp)[differ].all()), f"{where}: bf16 params differ by > 1 ulp"
+    assert int(differ.sum()) <= max(1, a.numel() // 1000), f"{where}: {int(differ.sum())} bf16 params differ"
+
+
+def _assert_states_match(state_a: dict, state_b: dict, numel: int, where: str) -> int:
+    """Returns how many quantized states were compared."""
+    quantized = 0
+    assert state_a.keys() == state_b.keys()
+    for key, a in state_a.items():
+        b = state_b[key]
+        if isinstance(a, QuantizedState):
+            quantized += 1
+            codes_a, codes_b = _codes(a, numel), _codes(b, numel)
+            gap = (codes_a - codes_b).abs()
+            assert int(gap.max()) <= 1, f"{where} {key}: codes differ by {int(gap.max())}"
+            assert int((gap > 0).sum()) <= max(1, numel // 4096), f"{where} {key}: {int((gap > 0).sum())} codes differ"
+            torch.testing.assert_close(a.scales, b.scales, rtol=1e-6, atol=0, msg=f"{where} {key}: scales")
+        elif isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel() == numel:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()), msg=f"{where} {key}")
+    return quantized
+
+
+def _compare(name: str, dtype: torch.dtype, shapes, monkeypatch, spec: str | None = None) -> None:
+    counter = CallCounter(monkeypatch)
+    mlir_params, mlir_opt = _train(name, "mlir", shapes, dtype, spec=spec)
+    assert counter.calls, f"{name}: the MLIR kernels never ran"
+    torch_params, torch_opt = _train(name, "torch", shapes, dtype, spec=spec)
+    quantized = 0
+    for shape, a, b in zip(shapes, mlir_params, torch_params):
+        where = f"{name} {dtype} {shape}"
+        _assert_params_close(a.detach(), b.detach(), where)
+        quantized += _assert_states_match(mlir_opt.state[a], torch_opt.state[b], math.prod(shape), where)
+    if any(isinstance(v, QuantizedState) for s in torch_opt.state.values() for v in s.values()):
+        assert quantized, f"{name}: no quantized state compared"
+
+
+# -- which specs have MLIR kernels -----------------------------------------------------------------
+def test_emitter_declines_only_the_matrix_specs():
+    declined = {sub for (_, sub), ok in EMITTED.items() if not ok}
+    assert declined == DECLINED
+    assert set(MLIR_SPECS) == {"adam", "adamw", "adamw4bit", "adamw4bit_block", "adamw8bit", "lion", "sgd", "sgdm4bit"}
+    # their routed fall-backs (1-D parameters) do have MLIR kernels
+    assert all(EMITTED[(name, sub)] for (name, sub) in EMITTED if name in DECLINED and sub != name)
+
+
+# -- kernels match the torch backend ---------------------------------------------------------------
+def test_smoke_adamw_and_adamw4bit_match_torch(monkeypatch):
+    for name in ("adamw", "adamw4bit"):
+        _compare(name, torch.float32, [(129,), (67, 131)], monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", MLIR_SPECS)
+def test_every_spec_matches_torch_on_odd_shapes(name, dtype, monkeypatch):
+    _compare(name, dtype, ODD_SHAPES, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DECLINED))
+def test_routed_fallback_specs_match_torch(name, monkeypatch):
+    # 1-D parameters go to the routed spec, which has MLIR kernels (2-D ones would need the declined plan)
+    for dtype in (torch.float32, torch.bfloat16):
+        _compare(name, dtype, [(1,), (129,), (4097,), (5000,)], monkeypatch)
+
+
+def test_bf16_store_rounds_to_nearest_even():
+    # param - lr * grad lands exactly between two bf16 numbers: ties go to the even mantissa
+    param = torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=torch.bfloat16, requires_grad=True)
+    param.grad = torch.tensor([-(2**-8), -3 * 2**-8, 2**-8, -(2**-9)], dtype=torch.bfloat16)
+    reference = param.detach().clone()
+    optgen.load("sgd")([param], lr=1.0, backend="mlir").step()
+    expected = [1.0, 1 + 2**-6, -1.0, 1.0]  # truncation would give 1 + 2**-7 in the second
+    assert param.detach().float().tolist() == expected
+    torch_param = reference.clone().requires_grad_()
+    torch_param.grad = param.grad
+    optgen.load("sgd")([torch_param], lr=1.0, backend="torch").step()
+    assert torch.equal(param.detach(), torch_param.detach())
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw4bit"])
+def test_nan_gradient_is_not_silent(name):
+    results = {}
+    for backend in ("mlir", "torch"):
+        params, grads = _inputs([(67, 131)], torch.float32, steps=1)
+        grads[0][0][3, 5] = float("nan")
+        params[0].grad = grads[0][0]
+        opt = optgen.load(name)(params, lr=LR, backend=backend)
+        if name == "adamw4bit":  # quantized state: the blocks holding NaN dequantize to NaN, with a warning
+            with pytest.warns(RuntimeWarning, match="non-finite"):
+                opt.step()
+        else:
+            opt.step()
+        results[backend] = params[0].detach()
+    assert bool(results["mlir"][3, 5].isnan())
+    assert torch.equal(results["mlir"].isnan(), results["torch"].isnan())
+
+
+# -- in place, threads -----------------------------------------------------------------------------
+def _storage(opt, param) -> dict[str, int]:
+    out = {"param": param.data_ptr()}
+    for key, value in opt.state[param].items():
+        if isinstance(value, QuantizedState):
+            out[f"{key}.codes"], out[f"{key}.scales"] = value.codes.data_ptr(), value.scales.data_ptr()
+        elif isinstance(value, torch.Tensor) and value.numel() > 1:
+            out[key] = value.data_ptr()
+    return out
+
+
+def _values(state_value) -> torch.Tensor:
+    return state_value.codes if isinstance(state_value, QuantizedState) else state_value
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw4bit", "adamw8bit", "sgdm4bit"])
+def test_updates_in_place(name, monkeypatch):
+    counter = CallCounter(monkeypatch)
+    params, grads = _inputs([(67, 131)], torch.float32, steps=3)
+    param = params[0]
+    view = param.detach().view(-1)  # shares the storage: sees an in-place update, not a rebound .data
+    before = view.clone()
+    opt = optgen.load(name)(params, lr=LR, backend="mlir")
+    param.grad = grads[0][0]
+    opt.step()
+    storage = _storage(opt, param)
+    assert len(storage) >= 2
+    for step_grads in grads[1:]:
+        snapshot = {k: _values(v).clone() for k, v in opt.state[param].items() if k != "step"}
+        param.grad = step_grads[0]
+        opt.step()
+        assert _storage(opt, param) == storage, "a parameter or state tensor was reallocated"
+        for key, old in snapshot.items():
+            assert not torch.equal(old, _values(opt.state[param][key])), f"{key} was not updated"
+    assert not torch.equal(view, before)
+    assert counter.calls
+
+
+def test_threads_give_the_same_result_as_one_thread(monkeypatch):
+    # big enough that _parallel splits it (MIN_ELEMENTS_PER_THREAD elements per thread at least)
+    shape = (300, 457)
+    assert math.prod(shape) >= 4 * mlir_jit.MIN_ELEMENTS_PER_THREAD
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)  # the knob: mlir_jit splits over torch.get_num_threads() threads
+            for name in ("adamw", "adamw4bit", "adamw8bit", "sgdm4bit"):
+                counter = CallCounter(monkeypatch)
+                params, opt = _train(name, "mlir", [shape], torch.float32, steps=2)
+                ranges = {tuple(int(a.value) for a in call[:2]) for call in counter.calls if name != "adamw"}
+                if count > 1 and name != "adamw":
+                    assert len(ranges) >= count, f"{name}: not split across threads: {ranges}"
+                if name == "adamw":  # descriptors over [lo, hi): the whole tensor on one thread
+                    assert ({call[0].size for call in counter.calls} != {math.prod(shape)}) == (count > 1)
+                results[(name, count)] = (params[0].detach().clone(), opt.state[params[0]])
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("adamw", "adamw4bit", "adamw8bit", "sgdm4bit"):
+        (one, one_state), (many, many_state) = results[(name, 1)], results[(name, 4)]
+        assert torch.equal(one, many), name
+        for key, value in one_state.items():
+            other = many_state[key]
+            if isinstance(value, QuantizedState):
+                assert torch.equal(value.codes, other.codes) and torch.equal(value.scales, other.scales), key
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), key
+
+
+# -- errors, CLI -----------------------------------------------------------------------------------
+BROKEN_PARSE = """module {
+  func.func @map_0(%a: memref<?xf32>) attributes {llvm.emit_c_interface} {
+    return
+  }
+  func.func @stats_1(%a: memref<?xf32>) attributes {llvm.emit_c_interface} {
+    %x = arith.addf %a, %a : f32
+    return
+  }
+}"""
+BROKEN_LOWERING = """module {
+  func.func @map_0(%a: memref<?xf32>) attributes {llvm.emit_c_interface} {
+    return
+  }
+  func.func @map_1(%a: tensor<4xf32>) -> tensor<4xf32> attributes {llvm.emit_c_interface} {
+    %e = tensor.empty() : tensor<4xf32>
+    %r = linalg.add ins(%a, %a : tensor<4xf32>, tensor<4xf32>) outs(%e : tensor<4xf32>) -> tensor<4xf32>
+    return %r : tensor<4xf32>
+  }
+}"""
+
+
+@pytest.mark.parametrize(
+    ("source", "step", "stage"), [(BROKEN_PARSE, "parsing", "stats_1"), (BROKEN_LOWERING, "JIT compilation", "map_1")]
+)
+def test_failing_lowering_names_spec_and_stage_and_keeps_the_mlir(source, step, stage):
+    with pytest.raises(mlir_jit.MlirBackendError) as caught:
+        mlir_jit.compile_module("my_spec", "float32-any", source)
+    message = str(caught.value)
+    assert f"{step} failed for spec 'my_spec'" in message
+    assert f"stage {stage}:" in message
+    path = Path(message.split("The MLIR is in ", 1)[1].split(" ", 1)[0])
+    assert path.is_file() and path.read_text().startswith(source)  # line numbers match the diagnostics
+    assert "torch-mlir-opt" in message and str(path) in message
+
+
+def test_show_mlir_prints_the_modules(capsys):
+    assert main(["show", "adamw4bit", "--mlir"]) == 0
+    out = capsys.readouterr().out
+    for variant in ("float32-nd", "float32-flat", "bfloat16-nd", "bfloat16-flat"):
+        assert f"// adamw4bit, variant {variant}" in out
+    assert out.count("func.func @map_") == 4 and "arith.truncf" in out and "memref<?xi8>" in out
+    assert main(["show", "swan", "--mlir"]) == 0
+    out = capsys.readouterr().out
+    assert "swan: the MLIR backend declines this plan" in out and "// adamw, variant float32-any" in out
+    with pytest.raises(SystemExit):
+        main(["show", "adamw", "--mlir", "--torch"])
+
+
+@pytest.mark.slow
+def test_step_cpu_benchmark_writes_its_table(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cpu.py"
+    args = ["--tensors", "2", "--numel", "5000", "--rounds", "2", "--no-compile", "--threads", "1"]
+    result = subprocess.run(
+        [sys.executable, str(script), *args, "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(line for line in (tmp_path / "step_time_cpu.csv").open() if not line.startswith("#")))
+    names = {r["implementation"] for r in rows}
+    assert {"torch.optim.AdamW fused", "optgen adamw (mlir)", "optgen adamw4bit (mlir)"} <= names
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert [r["ratio_to_fused"] for r in rows if r["implementation"] == "torch.optim.AdamW fused"] == ["1.00"]
+    assert "| optgen adamw4bit (mlir) |" in (tmp_path / "step_cpu.md").read_text()
