@@ -32,7 +32,7 @@ format: setup
 
 # CPU benchmark suite (~15 min on 2 cores; uses the GPU when there is one): benchmarks/results/, README tables
 bench: setup
-	$(PY) benchmarks/suite.py
+	$(PY) benchmarks/suite.py --jobs 2
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -7,7 +7,9 @@
 Every optimizer steps the same parameters and gradients (its own state), round-robin: one round
 runs each optimizer's step() once, so all see the same machine load; the ratio of each to
 torch.optim.AdamW(fused=True) is taken per round, and the medians of times and of ratios over the
-rounds are reported.  torchao's AdamW4bit / AdamW8bit join when torchao is installed.  Writes
+rounds are reported.  torchao's AdamW4bit / AdamW8bit join when torchao is installed.  Specs with
+reductions (factor4bit, sinkgd) run on both their MLIR and their torch kernels (the latter on the
+square workload only), so the table also shows what the MLIR reductions buy.  Writes
 benchmarks/results/step_time_cpu.csv (rendered into the README by suite.py) and step_cpu.md.
 """
 
@@ -61,6 +63,10 @@ def optimizers(compile_step: bool) -> dict[str, Callable]:
         "optgen adamw8bit (mlir)": lambda ps: AdamW8bit(ps, backend="mlir"),
         "optgen adamw4bit (mlir)": lambda ps: AdamW4bit(ps, backend="mlir"),
     }
+    for spec in ("factor4bit", "sinkgd"):  # reductions and factored state: MLIR vs the spec's own torch kernels
+        cls = optgen.load(spec)
+        for backend in ("mlir", "torch"):
+            makers[f"optgen {spec} ({backend})"] = lambda ps, cls=cls, backend=backend: cls(ps, backend=backend)
     if importlib.util.find_spec("torchao") is not None:
         from torchao.optim import AdamW4bit as Ao4bit
         from torchao.optim import AdamW8bit as Ao8bit
@@ -101,6 +107,17 @@ def measure(makers: dict[str, Callable], params: list[torch.Tensor], rounds: int
     return {name: (statistics.median(seconds[name]), statistics.median(ratios[name])) for name in opts}
 
 
+def copy_bandwidth(numel: int = 10_000_000, rounds: int = 30) -> float:
+    """GB/s of ``dst.copy_(src)`` on float32 (read + write): the floor a memory-bound step runs at."""
+    src, dst = torch.randn(numel), torch.empty(numel)
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst.copy_(src)
+        seconds.append(time.perf_counter() - start)
+    return 8 * numel / statistics.median(seconds) / 1e9
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tensors", type=int, default=10)
@@ -122,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.llama:
         workloads["LLaMA-shaped, "] = llama_tensors
     rows = []
+    bandwidth = []  # per thread count: copy_ GB/s and fused AdamW's GB/s at 28 bytes per parameter
     for workload, make_params in workloads.items():
         params = make_params()
         numel = sum(p.numel() for p in params)
@@ -130,13 +148,20 @@ def main(argv: list[str] | None = None) -> None:
         label = f"{workload}{len(params)} × {each} ({numel / 1e6:.1f}M params)"
         for count in threads:
             torch.set_num_threads(count)
-            for name, (seconds, ratio) in measure(makers, params, args.rounds).items():
+            # the torch kernels of factor4bit / sinkgd take seconds per step on the LLaMA list: square workload only
+            chosen = {k: v for k, v in makers.items() if not workload or not k.endswith("(torch)")}
+            results = measure(chosen, params, args.rounds)
+            if not workload:
+                fused = 28 * numel / results[BASELINE][0] / 1e9
+                bandwidth.append(f"{count} threads: copy_ {copy_bandwidth():.0f} GB/s vs fused AdamW {fused:.0f} GB/s")
+            for name, (seconds, ratio) in results.items():
                 rows.append([label, str(count), name, f"{seconds * 1e3:.2f}", f"{ratio:.2f}"])
                 print(f"{label:42s} {count:2d} {name:40s} {seconds * 1e3:9.2f} ms  x{ratio:.2f}", flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     notes = [
         ["# machine", platform.processor() or platform.machine(), f"{os.cpu_count()} cores"],
         ["# ratio", f"median per-round ratio to {BASELINE} (same run)", f"torch {torch.__version__}"],
+        ["# bandwidth", "; ".join(bandwidth)],
     ]
     header = ["workload", "threads", "implementation", "median_ms", "ratio_to_fused"]
     with (args.out_dir / "step_time_cpu.csv").open("w", newline="") as f:

@@ -26,8 +26,9 @@ from optgen.codegen.spec import builtin_specs, load_spec
 from optgen.runtime import mlir_jit
 from optgen.runtime.state import QuantizedState
 
-# Plans with reduce / matrix stages: the MLIR emitter declines them (the torch kernels run them).
-DECLINED = {"factor4bit", "sinkgd", "swan"}
+# Plans with matrix stages: the MLIR emitter declines them (the torch kernels run them).  Plans with
+# reductions (factor4bit, sinkgd) are tested in tests/test_mlir_reductions.py.
+DECLINED = {"swan"}
 ODD_SHAPES = [(1,), (127,), (129,), (4097,), (5000,), (67, 131), (3, 5, 301)]
 HYPER = {"sgd": {"momentum": 0.9, "weight_decay": 0.01}, "sgdm4bit": {"weight_decay": 0.01}}
 LR = 0.01  # large enough that bf16 parameters change every step
@@ -134,7 +135,9 @@ def _compare(name: str, dtype: torch.dtype, shapes, monkeypatch, spec: str | Non
 def test_emitter_declines_only_the_matrix_specs():
     declined = {sub for (_, sub), ok in EMITTED.items() if not ok}
     assert declined == DECLINED
-    assert set(MLIR_SPECS) == {"adam", "adamw", "adamw4bit", "adamw4bit_block", "adamw8bit", "lion", "sgd", "sgdm4bit"}
+    assert set(MLIR_SPECS) == set(
+        "adam adamw adamw4bit adamw4bit_block adamw8bit factor4bit lion sgd sgdm4bit sinkgd".split()
+    )
     # their routed fall-backs (1-D parameters) do have MLIR kernels
     assert all(EMITTED[(name, sub)] for (name, sub) in EMITTED if name in DECLINED and sub != name)
 
@@ -259,6 +262,32 @@ def test_threads_give_the_same_result_as_one_thread(monkeypatch):
                 assert torch.equal(value.codes, other.codes) and torch.equal(value.scales, other.scales), key
             elif isinstance(value, torch.Tensor):
                 assert torch.equal(value, other), key
+
+
+@pytest.mark.parametrize("team", ["openmp", "pool"])
+def test_parallel_runs_every_piece_once_in_order_and_reraises(monkeypatch, team):
+    # the OpenMP team (torch's libgomp) and the thread-pool fall-back behave the same
+    if team == "pool":
+        monkeypatch.setattr(mlir_jit, "_gomp", lambda: None)
+    elif mlir_jit._gomp() is None:
+        pytest.fail("torch ships libgomp on Linux: the OpenMP team should be found")
+    monkeypatch.setattr(mlir_jit, "num_threads", lambda: 3)
+    count = 3 * mlir_jit.MIN_ELEMENTS_PER_THREAD
+    seen = []
+    assert mlir_jit._parallel(lambda lo, hi: seen.append((lo, hi)) or (lo, hi), count, 1) == [
+        (0, count // 3),
+        (count // 3, 2 * count // 3),
+        (2 * count // 3, count),
+    ]
+    assert sorted(seen) == [(0, count // 3), (count // 3, 2 * count // 3), (2 * count // 3, count)]
+
+    def fail_in_the_middle(lo, hi):
+        if lo == count // 3:
+            raise ValueError("piece failed")
+        return lo
+
+    with pytest.raises(ValueError, match="piece failed"):
+        mlir_jit._parallel(fail_in_the_middle, count, 1)
 
 
 # -- errors, CLI -----------------------------------------------------------------------------------

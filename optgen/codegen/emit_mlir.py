@@ -15,8 +15,9 @@ midpoint search, pack, write.  Rank-1 / per-tensor stores get their new scales f
 ``stats`` stage, which recomputes the value and reduces its row / column (or total) maxima.
 ``_quantized_stage`` describes the loop shapes that let LLVM vectorize these loops.
 
-Plans this backend cannot run (reductions, rows/cols values, other stage ops) get no MLIR module
-(``emit_mlir`` returns None) and run on the torch kernels.
+Plans with reductions or rows / cols / scalar values go to ``emit_mlir_steps`` (which reuses
+``_quantized_stage`` for its block-wise quantized launches).  Plans neither can run (matrix
+stages, ...) get no MLIR module (``emit_mlir`` returns None) and run on the torch kernels.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class Unsupported(Exception):
 
 
 def emit_mlir(plan: Plan, header: str) -> str | None:
+    if needs_steps(plan):
+        from optgen.codegen import emit_mlir_steps
+
+        return emit_mlir_steps.emit(plan, header)
     try:
         program = _Program(plan)
         variants = {key: program.module(*key) for key in program.variant_keys()}
@@ -69,11 +74,22 @@ def emit_mlir(plan: Plan, header: str) -> str | None:
 
 def mlir_modules(plan: Plan) -> dict[str, str]:
     """Variant name → MLIR text (what ``optgen show --mlir`` prints); empty when unsupported."""
+    if needs_steps(plan):
+        from optgen.codegen import emit_mlir_steps
+
+        return emit_mlir_steps.modules(plan)
     try:
         program = _Program(plan)
         return {f"{d}-{layout}": program.module(d, layout) for d, layout in program.variant_keys()}
     except Unsupported as error:
         return {"unsupported": f"// {plan.spec.name}: the MLIR backend declines this plan ({error}); torch runs it"}
+
+
+def needs_steps(plan: Plan) -> bool:
+    """Plans beyond one map stage over full-size values: reduce / matrix stages, rows/cols/scalar
+    values or state (``emit_mlir_steps`` lowers them, or declines)."""
+    kinds = {let.kind for stage in plan.stages for let in stage.lets} | {s.kind for s in plan.spec.state}
+    return any(stage.op not in ("map", "stats") for stage in plan.stages) or bool(kinds - {Kind.FULL, Kind.HOST})
 
 
 # -- plan analysis ---------------------------------------------------------------------------------
@@ -182,17 +198,36 @@ class _Program:
         printer = HostPrinter()
         return [f"{let.symbol} = {printer.doprint(let.expr)}" for let in self.plan.host]
 
+    def scalars_of(self, stage: Stage) -> list[str]:
+        used = {str(s) for s in stage.inputs}
+        return [n for n in self.scalar_names if n in used]
+
+    def extra_args(self) -> list[str]:
+        """Index arguments a quantized stage takes after lo, hi, n, cols (none here)."""
+        return []
+
+    def element_index(self, key: str, e: str, body: Body, indent: int) -> str:
+        """Where element ``e`` of the parameter reads an unquantized tensor ``key`` (the same index here)."""
+        return e
+
+    def gathered(self, stage: Stage, body: Body, size: int) -> dict[str, str]:
+        """Stack buffers (key -> name) a quantized stage fills per super-block before its element
+        loop, for values not laid out like the parameter (none here)."""
+        return {}
+
+    def gather(self, body: Body, indent: int, buffers: dict[str, str], start: str, end: str, size: int) -> None:
+        """Fill ``gathered`` buffers (of ``size`` entries) with elements [start, end) of the super-block."""
+
     def stage_rows(self) -> list[dict]:
         rows = []
         for stage in self.plan.stages:
-            used = {str(s) for s in stage.inputs} & set(self.scalar_names)
             rows.append(
                 {
                     "name": stage.name,
                     "op": stage.op,
                     "tensors": self.tensors(stage),
                     "writes": self.writes(stage),
-                    "scalars": [n for n in self.scalar_names if n in used],
+                    "scalars": self.scalars_of(stage),
                     "target": self.stats_target(stage) if stage.op == "stats" else None,
                 }
             )
@@ -402,7 +437,7 @@ def _linalg_map(program: _Program, stage: Stage, dtype: str) -> dict:
     reads, writes = program.reads(stage), program.writes(stage)
     names = program.tensors(stage)
     types = {k: program.storage_type(k, dtype) for k in names}
-    scalars = [n for n in program.stage_rows()[stage.index]["scalars"]]
+    scalars = program.scalars_of(stage)
     body = Body()
     env = {sympy.Symbol(n): f"%{n}" for n in scalars}
     args_in = [f"%in_{k}" for k in reads]
@@ -465,10 +500,10 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
     constant midpoints rather than a data-dependent search."""
     names = program.tensors(stage)
     writes = program.writes(stage)
-    scalars = program.stage_rows()[stage.index]["scalars"]
+    scalars = program.scalars_of(stage)
     L = program.superblock(layout)
     body = Body()
-    args = ["%lo: index", "%hi: index", "%n: index", "%cols: index"]
+    args = ["%lo: index", "%hi: index", "%n: index", "%cols: index", *program.extra_args()]
     quant = {k: program.layout_of(k, layout) for k in names if k in program.quantized_keys}
     for k in names:
         if k in quant:
@@ -497,6 +532,7 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
         first_byte = body.op(f"arith.shrui {start}, %c_1 : index", i)
         for k, buf in unpacked.items():
             _unpack(body, i, k, buf, pairs, first_byte, L)
+        program.gather(body, i, gathered, start, end, L)
         # a block-wise input with one block per super-block: its scale is loaded once, before the loops
         block_scales = {
             k: body.op(f"memref.load %{k}_scales[{body.op(f'arith.divui {start}, %L : index', i)}] : memref<?xf32>", i)
@@ -568,9 +604,11 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
             k = program.key(symbol)
             if k in quant:
                 env[symbol] = _dequantize(body, j, k, schemes[k], quant[k], where, unpacked.get(k), L, globals_)
+            elif k in gathered:
+                env[symbol] = body.op(f"memref.load {gathered[k]}[%i] : memref<{L}xf32>", j)
             else:
                 t = program.storage_type(k, dtype)
-                loaded = body.op(f"memref.load %{k}[{e}] : memref<?x{t}>", j)
+                loaded = body.op(f"memref.load %{k}[{program.element_index(k, e, body, j)}] : memref<?x{t}>", j)
                 env[symbol] = loaded if t == "f32" else body.op(f"arith.extf {loaded} : {t} to f32", j)
         Lowering(body, env, j).lets(stage.lets)
         if stage.op == "stats":
@@ -633,6 +671,7 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
             scale_bufs |= {(k, True): f"%scale_{k}_new"} if k in stores else {}
     for buf in [*buffers.values(), *scale_bufs.values()]:
         body.raw(f"{buf} = memref.alloca() : memref<{L}xf32>", 2)
+    gathered = program.gathered(stage, body, L)
     body.raw("scf.for %sb = %lo to %hi step %c_1 {", 2)
     start = body.op("arith.muli %sb, %L : index", 3)
     end = body.op(f"arith.minui {body.op(f'arith.addi {start}, %L : index', 3)}, %n : index", 3)

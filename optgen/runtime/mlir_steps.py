@@ -1,0 +1,172 @@
+"""Run the MLIR kernels of plans with reductions (``emit_mlir_steps``): launches over work units.
+
+The parameter is viewed as (batch B, rows R, columns C).  Per step the runtime allocates the scratch
+values that cross launches (float32: rows numel / C, cols B * C, scalar 1, full numel) and the
+float64 partials of reductions along columns (one per stripe of ``stripe`` rows and column) and
+over everything (one per work unit), calls each launch over its work units split across threads,
+then ``finish_<op>`` over the partials (in unit order: the same bits for any thread count).
+Compilation, the memref calling convention and the thread pool are ``mlir_jit``'s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import torch
+
+from optgen.codegen.quant import QuantScheme
+from optgen.runtime.mlir_jit import _DTYPES, Kernels, _call, _parallel, memref, warn_if_not_finite
+from optgen.runtime.state import QuantizedState
+
+_TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_NEUTRAL = {"mean": 0.0, "sum": 0.0, "norm": 0.0, "amax": -math.inf, "amin": math.inf}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One launch: its function, the kind of entries it walks, tensor keys ("param", "grad", a
+    state key, ``buf.NAME``), and the reductions it finishes through partials (buffer, op, dim)."""
+
+    name: str
+    domain: str  # "full" | "rows" | "cols" | "scalar"
+    tensors: tuple[str, ...]
+    writes: tuple[str, ...]
+    scalars: tuple[str, ...]
+    partials: tuple[tuple[str, str, int], ...] = ()
+    quantized: bool = False  # touches quantized state: in the quantized variants, emit_mlir's super-block loop
+
+
+class StepKernels(Kernels):
+    """The compiled variants of a plan with reductions and the calls that run a step."""
+
+    def __init__(
+        self,
+        spec: str,
+        sources: dict[str, str],
+        steps: tuple[Step, ...],
+        buffers: dict[str, str],
+        state_kinds: dict[str, tuple[str, str]],
+        schemes: dict[str, QuantScheme],
+        superblock: int,
+        min_ndim: int,
+        stripe: int,
+        chunk: int,
+    ):
+        super().__init__(spec, sources, (), schemes, {"any": superblock})
+        self.steps, self.buffers, self.state_kinds = steps, buffers, state_kinds
+        self.min_ndim, self.stripe, self.chunk = min_ndim, stripe, chunk
+        self.superblock = superblock
+
+    def variant(self, param: torch.Tensor, grad: torch.Tensor, state: dict) -> str | None:
+        """The variant for this parameter (quantized state as codes, or kept float32), or None."""
+        dtype = _DTYPES.get(param.dtype)
+        if (
+            dtype is None
+            or param.device.type != "cpu"
+            or grad.dtype != param.dtype
+            or grad.device.type != "cpu"
+            or param.numel() == 0
+            or param.ndim < self.min_ndim
+            or not param.is_contiguous()
+            or not grad.is_contiguous()
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        quantized = set()
+        extents = _extents(param.shape)
+        for key, value in state.items():
+            if key == "step":
+                continue
+            if isinstance(value, QuantizedState):
+                if key not in self.schemes or not value.codes.is_contiguous():
+                    return None
+                quantized.add(key)
+            elif (
+                not isinstance(value, torch.Tensor)
+                or key not in self.state_kinds
+                or value.dtype != (torch.float32 if key in self.schemes else _TORCH[self.state_kinds[key][1]])
+                or not value.is_contiguous()
+                or value.device.type != "cpu"
+                or value.numel() != extents[self.state_kinds[key][0]]  # the torch kernels say what is wrong
+            ):
+                return None
+        if not self.schemes:
+            return f"{dtype}-any"
+        if quantized == set(self.schemes):
+            return f"{dtype}-quantized"
+        return f"{dtype}-float" if not quantized else None
+
+    def run(self, variant: str, param: torch.Tensor, grad: torch.Tensor, state: dict, scalars: dict) -> None:
+        functions = self.functions(variant)
+        shape = tuple(param.shape)
+        numel = param.numel()
+        cols = shape[-1] if shape else 1
+        rows = shape[-2] if len(shape) >= 2 else 1
+        batch = numel // cols // rows
+        stripes = -(-rows // self.stripe)
+        extents = _extents(shape)
+        tensors = {"param": param, "grad": grad, **state}
+        for key, kind in self.buffers.items():
+            tensors[key] = torch.empty(extents[kind], dtype=torch.float32)
+        for step in self.steps:
+            address = functions[step.name]
+            values = [ctypes.c_float(float(scalars[n])) for n in step.scalars]
+            if step.quantized and variant.endswith("-quantized"):  # the float variant walks stripes
+                self._quantized(step, address, tensors, values, shape, cols * rows)
+                continue
+            if step.domain == "full":
+                units, per_unit = batch * stripes, self.stripe * cols
+                fixed = [ctypes.c_int64(n) for n in (cols, rows, stripes, batch)]
+            else:
+                units, per_unit = -(-extents[step.domain] // self.chunk), self.chunk
+                fixed = [ctypes.c_int64(extents[step.domain])]
+            partials = [
+                torch.full((stripes * batch * cols if dim == -2 else units,), _NEUTRAL[how], dtype=torch.float64)
+                for _, how, dim in step.partials
+            ]
+            args = [*(memref(tensors[k]) for k in step.tensors), *(memref(p) for p in partials)]
+
+            def call(lo: int, hi: int, address=address, fixed=fixed, args=args, values=values) -> None:
+                _call(address, [ctypes.c_int64(lo), ctypes.c_int64(hi), *fixed, *args, *values])
+
+            _parallel(call, units, per_unit)
+            for (key, how, dim), partial in zip(step.partials, partials):
+                count, width, n = (stripes, batch * cols, rows) if dim == -2 else (units, 1, extents[step.domain])
+                finish = [ctypes.c_int64(count), ctypes.c_int64(width), ctypes.c_double(n)]
+                target = [memref(partial), memref(tensors[key])]
+
+                def combine(lo: int, hi: int, address=functions[f"finish_{how}"], finish=finish, target=target):
+                    _call(address, [ctypes.c_int64(lo), ctypes.c_int64(hi), *finish, *target])
+
+                _parallel(combine, width, count)
+
+    def _quantized(self, step: Step, address: int, tensors: dict, values: list, shape: tuple, matrix: int) -> None:
+        """A launch over super-blocks of the flat tensor (block-wise quantized state)."""
+        numel = math.prod(shape)
+        cols = shape[-1] if shape else 1
+        alive: list = []
+        args = []
+        for key in step.tensors:
+            args += self._bundle(key, tensors[key], shape, None, alive)
+        fixed = [ctypes.c_int64(numel), ctypes.c_int64(cols), ctypes.c_int64(matrix)]
+
+        def write(lo: int, hi: int) -> None:
+            _call(address, [ctypes.c_int64(lo), ctypes.c_int64(hi), *fixed, *args, *values])
+
+        _parallel(write, -(-numel // self.superblock), self.superblock)
+        for key in step.writes:
+            if isinstance(tensors[key], QuantizedState):
+                warn_if_not_finite(tensors[key], shape)
+
+
+def _extents(shape: tuple) -> dict[str, int]:
+    """Entries of each kind of value for a parameter of ``shape`` (viewed as batch x rows x cols)."""
+    numel = math.prod(shape)
+    cols = shape[-1] if shape else 1
+    rows = shape[-2] if len(shape) >= 2 else 1
+    return {"full": numel, "rows": numel // cols, "cols": numel // rows, "scalar": 1}
+
+
+__all__ = ["Step", "StepKernels"]
