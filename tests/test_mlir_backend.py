@@ -353,3 +353,55 @@ def test_step_cpu_benchmark_writes_its_table(tmp_path):
     assert all(float(r["median_ms"]) > 0 for r in rows)
     assert [r["ratio_to_fused"] for r in rows if r["implementation"] == "torch.optim.AdamW fused"] == ["1.00"]
     assert "| optgen adamw4bit (mlir) |" in (tmp_path / "step_cpu.md").read_text()
+
+
+# -- arithmetic code tables --------------------------------------------------------------------------
+LINEAR_NOZERO_SPEC = """optgen: 1
+name: store_abs_grad
+class: StoreAbsGrad
+summary: keeps |grad| in {bits}-bit linear_nozero codes (an encoder test)
+hyper:
+  lr: {{default: 1.0e-3}}
+state:
+  q: {{init: 0, store: {{bits: {bits}, signed: false, normalize: {{block: 128}}, table: linear_nozero}}}}
+keep_full_precision: {{numel_at_most: 0}}
+update:
+  - q = abs(grad)
+  - param = param - lr * q
+"""
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_nozero_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits):
+    # linear_nozero decodes and encodes arithmetically (first + code * step, a power of two): check
+    # it against the count of midpoints below x exactly at each midpoint, one float32 ulp either
+    # side, at the table's entries, for zero and a subnormal; a NaN block gives the torch kernels' codes.
+    path = tmp_path / "store_abs_grad.yaml"
+    path.write_text(LINEAR_NOZERO_SPEC.format(bits=bits))
+    table = torch.tensor(load_spec(path).state[0].store.quant.values, dtype=torch.float32)
+    mids = (table[1:].double() + table[:-1].double()).div(2).float()
+    probes = torch.cat([mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(2.0)), table])
+    probes = torch.cat([probes, torch.tensor([0.0, 1e-40])])
+    blocks = -(-probes.numel() // 127)
+    grad = torch.zeros(blocks + 1, 128)
+    grad[:, 0] = 1.0  # every block's absmax is 1: x is the probe itself
+    padded = torch.zeros(blocks * 127)
+    padded[: probes.numel()] = probes
+    grad[:blocks, 1:] = padded.view(blocks, 127)
+    grad[blocks, 1:] = torch.linspace(0, 1, 127)
+    grad[blocks, 64] = float("nan")  # its block's scale is NaN: every element there decodes to NaN
+    codes, scales = {}, {}
+    for backend in ("mlir", "torch"):
+        param = torch.nn.Parameter(torch.zeros(blocks + 1, 128))
+        param.grad = grad.clone()
+        opt = optgen.load(path)([param], backend=backend)
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            opt.step()
+        codes[backend] = _codes(opt.state[param]["q"], param.numel()).view(blocks + 1, 128).long()
+        scales[backend] = opt.state[param]["q"].scales
+    expected = (probes[:, None] > mids[None, :]).sum(dim=1)
+    assert torch.equal(codes["mlir"][:blocks, 1:].reshape(-1)[: probes.numel()], expected)
+    assert torch.equal(codes["torch"][:blocks, 1:].reshape(-1)[: probes.numel()], expected)
+    assert scales["mlir"][blocks].isnan() and scales["torch"][blocks].isnan()
+    codes["mlir"][blocks, 64] = codes["torch"][blocks, 64]  # a NaN's code: MLIR 0, torch.bucketize the last
+    assert torch.equal(codes["mlir"], codes["torch"])

@@ -742,6 +742,12 @@ def _table_entry(body: Body, ind: int, scheme: QuantScheme, code: str, globals_:
     """The table value of an i8 code: for 4-bit tables a tree of selects on the code's bits (constants,
     so the element loop vectorizes without gathers); for larger tables a load."""
     values = list(scheme.values)
+    step = _power_of_two_step(scheme)
+    if step is not None:  # first + code * step, exactly the table's float32 entry
+        first, d = step
+        index = body.op(f"arith.uitofp {code} : i8 to f32", ind)
+        offset = body.op(f"arith.addf {index}, {body.f32(first / d)} : f32", ind)
+        return body.op(f"arith.mulf {offset}, {body.f32(d)} : f32", ind)
     if len(values) > 16:
         table = body.op(
             f"memref.get_global {_table_global(scheme, 'table', globals_)} : memref<{len(values)}xf32>", ind
@@ -783,6 +789,15 @@ def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, g
     positive = body.op(f"arith.cmpf ogt, {scale}, {zero} : f32", ind)
     safe = body.op(f"arith.select {positive}, {scale}, {one} : f32", ind)  # all-zero blocks: x / 1
     x = body.op(f"arith.divf {value}, {safe} : f32", ind)
+    step = _power_of_two_step(scheme)
+    if step is not None:  # midpoint i is (c + i) * d: the count below x is ceil(x / d - c), clamped
+        first, d = step
+        y = body.op(f"arith.mulf {x}, {body.f32(1.0 / d)} : f32", ind)  # exact: d is a power of two
+        t = body.op(f"arith.subf {y}, {body.f32(first / d + 0.5)} : f32", ind)
+        t = body.op(f"math.ceil {t} : f32", ind)
+        t = body.op(f"arith.maxnumf {t}, {zero} : f32", ind)  # NaN: no midpoint below, code 0
+        t = body.op(f"arith.minnumf {t}, {body.f32(len(scheme.values) - 1)} : f32", ind)
+        return body.op(f"arith.fptoui {t} : f32 to i8", ind)
     mids = _padded_midpoints(scheme)
     levels = len(mids).bit_length()
     bits: list[str] = []  # "the probed midpoint is below x", per level, most significant first
@@ -809,6 +824,27 @@ def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, g
         moved = body.op(f"arith.ori {code}, {body.const(str(step), 'i32')} : i32", ind)
         code = body.op(f"arith.select {bits[-1]}, {moved}, {code} : i32", ind)
     return body.op(f"arith.trunci {code} : i32 to i8", ind)
+
+
+def _power_of_two_step(scheme: QuantScheme) -> tuple[float, float] | None:
+    """(first, d) where every float32 entry is first + i·d and every midpoint first + (i + ½)·d, with
+    d a power of two, first/d a whole number in [0, 2**10] (linear_nozero: 1/16 + i/16).  Decoding and
+    the nearest-entry search are then arithmetic, bit for bit the table's: x / d is exact, and
+    x / d - (first/d + ½) is exact wherever it is not negative (Sterbenz; both are multiples of
+    ulp(x / d)), so its ceiling counts the midpoints below x."""
+    values = [_as_f32(v) for v in scheme.values]
+    first, d = values[0], values[1] - values[0]
+    if d <= 0 or math.frexp(d)[0] != 0.5 or not (first / d).is_integer() or not 0 <= first / d <= 1 << 10:
+        return None
+    mids = [_as_f32(m) for m in midpoints(scheme.values)]
+    entries = [first + i * d for i in range(len(values))]
+    if values != entries or mids != [(a + b) / 2 for a, b in zip(entries, entries[1:])]:
+        return None
+    return first, d
+
+
+def _as_f32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
 
 
 def _padded_midpoints(scheme: QuantScheme) -> list[float]:
