@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import importlib
 import itertools
+import math
 import os
 import re
 import threading
@@ -385,7 +386,9 @@ class Kernels:
 
 
 def warn_if_not_finite(target: QuantizedState, shape: tuple) -> None:
-    if not bool(torch.isfinite(target.scales).all()):
+    # scales are maxima of magnitudes (never negative) and amax propagates NaN: one reduction, a tenth
+    # of isfinite().all()'s time, which mattered at ~40 µs per tensor and step
+    if not math.isfinite(float(target.scales.amax())):
         warnings.warn(
             f"non-finite values (NaN/Inf) reached quantized optimizer state {target.scheme.name} of "
             f"shape {shape}: the affected blocks now dequantize to NaN/Inf. Check the gradients "
