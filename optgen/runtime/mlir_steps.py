@@ -5,7 +5,7 @@ values that cross launches (float32: rows numel / C, cols B * C, scalar 1, full 
 float64 partials of reductions along columns (one per stripe of ``stripe`` rows and column) and
 over everything (one per work unit), calls each launch over its work units split across threads,
 then ``finish_<op>`` over the partials (in unit order: the same bits for any thread count).
-Compilation, the memref calling convention and the thread pool are ``mlir_jit``'s.
+Compilation, the memref calling convention and the threads are ``mlir_jit``'s.
 """
 
 from __future__ import annotations
