@@ -13,6 +13,7 @@ the GIL.  Sizes are dynamic, so one compiled function serves every numel.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib
 import itertools
@@ -230,22 +231,21 @@ def _parallel(run, count: int, unit: int) -> list:
 
 
 _TEAM_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_GOMP: list = []  # [the libgomp torch loaded, or None], looked up once
 
 
+@functools.cache
 def _gomp():
-    if not _GOMP:
-        path = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
-        library = None
-        if path.is_file():
-            try:
-                library = ctypes.CDLL(str(path))
-                library.GOMP_parallel.argtypes = [_TEAM_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-                library.GOMP_parallel.restype = None
-            except (OSError, AttributeError):
-                library = None
-        _GOMP.append(library)
-    return _GOMP[0]
+    """The libgomp torch loaded (its OpenMP team), or None."""
+    path = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if not path.is_file():
+        return None
+    try:
+        library = ctypes.CDLL(str(path))
+        library.GOMP_parallel.argtypes = [_TEAM_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        library.GOMP_parallel.restype = None
+    except (OSError, AttributeError):
+        return None
+    return library
 
 
 # -- kernels ---------------------------------------------------------------------------------------
@@ -285,17 +285,8 @@ class Kernels:
 
     def variant(self, param: torch.Tensor, grad: torch.Tensor, state: dict) -> str | None:
         """The variant that runs this parameter, or None where the torch kernels must."""
-        dtype = _DTYPES.get(param.dtype)
-        if (
-            dtype is None
-            or param.device.type != "cpu"
-            or grad.dtype != param.dtype
-            or grad.device.type != "cpu"
-            or param.numel() == 0
-            or not param.is_contiguous()
-            or not grad.is_contiguous()
-            or torch.compiler.is_compiling()
-        ):
+        dtype = kernel_dtype(param, grad)
+        if dtype is None:
             return None
         for key, value in state.items():
             if key == "step":
@@ -336,11 +327,12 @@ class Kernels:
         fixed = [ctypes.c_int64(numel), ctypes.c_int64(cols)]
         new: dict[str, tuple] = {}  # rank-1 / per-tensor targets: (scales to store, kernel scale tensors)
         alive = []  # tensors the descriptors point into, held until the calls are done
+        olds: dict[str, tuple] = {}
         for stage in self.stages:
             values = [ctypes.c_float(float(scalars[n])) for n in stage.scalars]
             args = []
             for key in stage.tensors:
-                args += self._bundle(key, tensors[key], shape, new.get(key), alive)
+                args += self._bundle(key, tensors[key], shape, new.get(key), alive, olds)
             if stage.op == "stats":
                 target: QuantizedState = tensors[stage.target]
                 normalize, _ = target.scheme.layout(shape)
@@ -372,17 +364,39 @@ class Kernels:
                 warn_if_not_finite(target, shape)
 
     @staticmethod
-    def _bundle(key: str, value, shape: tuple, new: tuple | None, alive: list) -> list[MemRef]:
-        """The memref arguments of one tensor: itself, or a quantized state's codes and scales."""
+    def _bundle(key: str, value, shape: tuple, new: tuple | None, alive: list, olds: dict) -> list[MemRef]:
+        """The memref arguments of one tensor: itself, or a quantized state's codes and scales.
+        ``olds``: the kernel scales made from the stored ones, per key, made once per step."""
         if not isinstance(value, QuantizedState):
             return [memref(value)]
         normalize, _ = value.scheme.layout(shape)
         if normalize == "block":
             return [memref(value.codes), memref(value.scales)]
-        old = _kernel_scales(list(value.scales.split(list(shape))), shape) if normalize == "rank1" else (value.scales,)
+        if key not in olds:
+            rank1 = normalize == "rank1"
+            olds[key] = _kernel_scales(list(value.scales.split(list(shape))), shape) if rank1 else (value.scales,)
+        old = olds[key]
         fresh = new[1] if new is not None else old
         alive += [*old, *fresh]
         return [memref(value.codes), *(memref(t) for t in old), *(memref(t) for t in fresh)]
+
+
+def kernel_dtype(param: torch.Tensor, grad: torch.Tensor) -> str | None:
+    """The param dtype's variant name where the kernels can take this param and grad (contiguous CPU
+    tensors of one supported dtype, outside torch.compile), else None."""
+    dtype = _DTYPES.get(param.dtype)
+    if (
+        dtype is None
+        or param.device.type != "cpu"
+        or grad.dtype != param.dtype
+        or grad.device.type != "cpu"
+        or param.numel() == 0
+        or not param.is_contiguous()
+        or not grad.is_contiguous()
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    return dtype
 
 
 def warn_if_not_finite(target: QuantizedState, shape: tuple) -> None:

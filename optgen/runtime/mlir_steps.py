@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from optgen.codegen.quant import QuantScheme
-from optgen.runtime.mlir_jit import _DTYPES, Kernels, _call, _parallel, memref, warn_if_not_finite
+from optgen.runtime.mlir_jit import Kernels, _call, _parallel, kernel_dtype, memref, warn_if_not_finite
 from optgen.runtime.state import QuantizedState
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -61,18 +61,8 @@ class StepKernels(Kernels):
 
     def variant(self, param: torch.Tensor, grad: torch.Tensor, state: dict) -> str | None:
         """The variant for this parameter (quantized state as codes, or kept float32), or None."""
-        dtype = _DTYPES.get(param.dtype)
-        if (
-            dtype is None
-            or param.device.type != "cpu"
-            or grad.dtype != param.dtype
-            or grad.device.type != "cpu"
-            or param.numel() == 0
-            or param.ndim < self.min_ndim
-            or not param.is_contiguous()
-            or not grad.is_contiguous()
-            or torch.compiler.is_compiling()
-        ):
+        dtype = kernel_dtype(param, grad)
+        if dtype is None or param.ndim < self.min_ndim:
             return None
         quantized = set()
         extents = _extents(param.shape)
@@ -149,7 +139,7 @@ class StepKernels(Kernels):
         alive: list = []
         args = []
         for key in step.tensors:
-            args += self._bundle(key, tensors[key], shape, None, alive)
+            args += self._bundle(key, tensors[key], shape, None, alive, {})
         fixed = [ctypes.c_int64(numel), ctypes.c_int64(cols), ctypes.c_int64(matrix)]
 
         def write(lo: int, hi: int) -> None:
