@@ -75,7 +75,7 @@ class Calls:
         original = mlir_steps._call
 
         def counted(address, args):
-            self.ranges.append((args[0].value, args[1].value))
+            self.ranges.append((args[0], args[1]))
             original(address, args)
 
         monkeypatch.setattr(mlir_steps, "_call", counted)

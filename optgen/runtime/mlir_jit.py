@@ -20,6 +20,7 @@ import itertools
 import math
 import os
 import re
+import struct
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -61,45 +62,81 @@ class Stage:
     target: str | None = None  # stats: the quantized state whose maxima it reduces
 
 
-class MemRef(ctypes.Structure):
-    """The descriptor of a 1-D memref: allocated and aligned pointers, offset, size, stride."""
-
-    _fields_ = [
-        ("allocated", ctypes.c_void_p),
-        ("aligned", ctypes.c_void_p),
-        ("offset", ctypes.c_int64),
-        ("size", ctypes.c_int64),
-        ("stride", ctypes.c_int64),
-    ]
-
-
-def memref(tensor: torch.Tensor, start: int = 0, stop: int | None = None) -> MemRef:
-    """A descriptor over elements [start, stop) of a contiguous tensor's storage (no copy)."""
+def memref(tensor: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[int, int]:
+    """A 1-D memref argument over elements [start, stop) of a contiguous tensor's storage (no copy),
+    or over all of it: (address of the first element, length)."""
+    if stop is None and not start:
+        return tensor.data_ptr(), tensor.numel()
     stop = tensor.numel() if stop is None else stop
-    pointer = tensor.data_ptr() + start * tensor.element_size()
-    return MemRef(pointer, pointer, 0, stop - start, 1)
+    return tensor.data_ptr() + start * tensor.element_size(), stop - start
+
+
+class F64(float):
+    """An f64 scalar argument (a plain float is an f32 one)."""
 
 
 _PACKED = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _FUNCTIONS: dict[int, ctypes._CFuncPtr] = {}  # address -> callable (made once: creating one costs microseconds)
 
 
-def _call(address: int, args: list) -> None:
-    """Call an ``llvm.emit_c_interface`` function through its packed wrapper (void** args):
-    a memref argument is a pointer to its descriptor, a scalar its value."""
-    holders = []
-    packed = (ctypes.c_void_p * len(args))()
-    for i, arg in enumerate(args):
-        if isinstance(arg, MemRef):
-            holder = ctypes.c_void_p(ctypes.addressof(arg))
-            holders.append(holder)
-            packed[i] = ctypes.addressof(holder)
+@dataclass(frozen=True)
+class _Layout:
+    """One buffer holding a call's arguments for a packed wrapper: per argument its value (a memref:
+    its descriptor — allocated, aligned, offset, size, stride — then a pointer to it), then the
+    ``void*`` array pointing at each (a memref: at that pointer)."""
+
+    struct: struct.Struct
+    descriptors: tuple[int | None, ...]  # per argument: its descriptor's offset (memrefs), else None
+    pointers: tuple[int, ...]  # offset of what each packed entry points at
+    packed: int  # offset of the packed array
+
+
+_LAYOUTS: dict[tuple[type, ...], _Layout] = {}
+_CODES = {int: "q", float: "f4x", F64: "d"}
+
+
+def _layout(kinds: tuple[type, ...]) -> _Layout:
+    codes, descriptors, pointers, offset = ["<"], [], [], 0
+    for kind in kinds:
+        if kind is tuple:
+            codes.append("6q")
+            descriptors.append(offset)
+            pointers.append(offset + 40)
+            offset += 48
+        elif kind in _CODES:
+            codes.append(_CODES[kind])
+            descriptors.append(None)
+            pointers.append(offset)
+            offset += 8
         else:
-            packed[i] = ctypes.addressof(arg)
+            raise TypeError(f"MLIR call argument of type {kind.__name__}: expected a memref (tuple), int or float")
+    codes.append(f"{len(kinds)}Q")
+    return _Layout(struct.Struct("".join(codes)), tuple(descriptors), tuple(pointers), offset)
+
+
+def _call(address: int, args: list) -> None:
+    """Call an ``llvm.emit_c_interface`` function through its packed wrapper (``void**`` args).
+
+    ``args``: a memref as ``memref()``'s (address, length), an i64 as an int, an f32 as a float, an
+    f64 as an ``F64``.  They are written into one buffer by one ``struct.pack_into`` (its layout
+    made once per argument signature): this runs once per tensor, stage and thread, and building
+    a ctypes object per argument took twice as long."""
+    kinds = tuple(arg.__class__ for arg in args)
+    layout = _LAYOUTS.get(kinds) or _LAYOUTS.setdefault(kinds, _layout(kinds))
+    buffer = ctypes.create_string_buffer(layout.struct.size)
+    base = ctypes.addressof(buffer)
+    values: list = []
+    for arg, at in zip(args, layout.descriptors):
+        if at is None:
+            values.append(arg)
+        else:
+            values += (arg[0], arg[0], 0, arg[1], 1, base + at)
+    values += [base + at for at in layout.pointers]
+    layout.struct.pack_into(buffer, 0, *values)
     function = _FUNCTIONS.get(address)
     if function is None:
         function = _FUNCTIONS[address] = _PACKED(address)
-    function(packed)
+    function(base + layout.packed)
 
 
 # -- compilation -----------------------------------------------------------------------------------
@@ -308,7 +345,7 @@ class Kernels:
         numel = param.numel()
         for stage in self.stages:
             address = functions[stage.name]
-            values = [ctypes.c_float(float(scalars[n])) for n in stage.scalars]
+            values = [float(scalars[n]) for n in stage.scalars]
             chosen = [tensors[k] for k in stage.tensors]
 
             def call(lo: int, hi: int, address=address, chosen=chosen, values=values) -> None:
@@ -324,12 +361,12 @@ class Kernels:
         shape = tuple(param.shape)
         cols = shape[-1] if layout == "nd" else 1
         count = -(-numel // block)
-        fixed = [ctypes.c_int64(numel), ctypes.c_int64(cols)]
+        fixed = [numel, cols]
         new: dict[str, tuple] = {}  # rank-1 / per-tensor targets: (scales to store, kernel scale tensors)
         alive = []  # tensors the descriptors point into, held until the calls are done
         olds: dict[str, tuple] = {}
         for stage in self.stages:
-            values = [ctypes.c_float(float(scalars[n])) for n in stage.scalars]
+            values = [float(scalars[n]) for n in stage.scalars]
             args = []
             for key in stage.tensors:
                 args += self._bundle(key, tensors[key], shape, new.get(key), alive, olds)
@@ -342,17 +379,16 @@ class Kernels:
 
                 def reduce(lo, hi, address=functions[stage.name], args=args, values=values, sizes=sizes):
                     maxima = [torch.zeros(n) for n in sizes]
-                    bounds = [ctypes.c_int64(lo), ctypes.c_int64(hi)]
-                    _call(address, [*bounds, *fixed, *args, *(memref(m) for m in maxima), *values])
+                    _call(address, [lo, hi, *fixed, *args, *(memref(m) for m in maxima), *values])
                     return maxima
 
                 parts = _parallel(reduce, count, block)
-                maxima = [torch.stack(group).amax(dim=0) for group in zip(*parts)]
+                maxima = [functools.reduce(torch.maximum, group) for group in zip(*parts)]  # keeps NaN
                 new[stage.target] = _new_scales(maxima, shape, normalize)
                 continue
 
             def write(lo, hi, address=functions[stage.name], args=args, values=values) -> None:
-                _call(address, [ctypes.c_int64(lo), ctypes.c_int64(hi), *fixed, *args, *values])
+                _call(address, [lo, hi, *fixed, *args, *values])
 
             _parallel(write, count, block)
             for key in stage.writes:
@@ -364,7 +400,7 @@ class Kernels:
                 warn_if_not_finite(target, shape)
 
     @staticmethod
-    def _bundle(key: str, value, shape: tuple, new: tuple | None, alive: list, olds: dict) -> list[MemRef]:
+    def _bundle(key: str, value, shape: tuple, new: tuple | None, alive: list, olds: dict) -> list[tuple[int, int]]:
         """The memref arguments of one tensor: itself, or a quantized state's codes and scales.
         ``olds``: the kernel scales made from the stored ones, per key, made once per step."""
         if not isinstance(value, QuantizedState):
@@ -436,4 +472,4 @@ def _new_scales(maxima: list[torch.Tensor], shape: tuple, normalize: str) -> tup
     return torch.cat(per_dim), tuple(t.reciprocal() for t in _kernel_scales(per_dim, shape))
 
 
-__all__ = ["Kernels", "MemRef", "MlirBackendError", "Stage", "compile_module"]
+__all__ = ["Kernels", "MlirBackendError", "Stage", "compile_module"]

@@ -10,14 +10,13 @@ Compilation, the memref calling convention and the threads are ``mlir_jit``'s.
 
 from __future__ import annotations
 
-import ctypes
 import math
 from dataclasses import dataclass
 
 import torch
 
 from optgen.codegen.quant import QuantScheme
-from optgen.runtime.mlir_jit import Kernels, _call, _parallel, kernel_dtype, memref, warn_if_not_finite
+from optgen.runtime.mlir_jit import F64, Kernels, _call, _parallel, kernel_dtype, memref, warn_if_not_finite
 from optgen.runtime.state import QuantizedState
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -102,16 +101,16 @@ class StepKernels(Kernels):
             tensors[key] = torch.empty(extents[kind], dtype=torch.float32)
         for step in self.steps:
             address = functions[step.name]
-            values = [ctypes.c_float(float(scalars[n])) for n in step.scalars]
+            values = [float(scalars[n]) for n in step.scalars]
             if step.quantized and variant.endswith("-quantized"):  # the float variant walks stripes
                 self._quantized(step, address, tensors, values, shape, cols * rows)
                 continue
             if step.domain == "full":
                 units, per_unit = batch * stripes, self.stripe * cols
-                fixed = [ctypes.c_int64(n) for n in (cols, rows, stripes, batch)]
+                fixed = [cols, rows, stripes, batch]
             else:
                 units, per_unit = -(-extents[step.domain] // self.chunk), self.chunk
-                fixed = [ctypes.c_int64(extents[step.domain])]
+                fixed = [extents[step.domain]]
             partials = [
                 torch.full((stripes * batch * cols if dim == -2 else units,), _NEUTRAL[how], dtype=torch.float64)
                 for _, how, dim in step.partials
@@ -119,16 +118,16 @@ class StepKernels(Kernels):
             args = [*(memref(tensors[k]) for k in step.tensors), *(memref(p) for p in partials)]
 
             def call(lo: int, hi: int, address=address, fixed=fixed, args=args, values=values) -> None:
-                _call(address, [ctypes.c_int64(lo), ctypes.c_int64(hi), *fixed, *args, *values])
+                _call(address, [lo, hi, *fixed, *args, *values])
 
             _parallel(call, units, per_unit)
             for (key, how, dim), partial in zip(step.partials, partials):
                 count, width, n = (stripes, batch * cols, rows) if dim == -2 else (units, 1, extents[step.domain])
-                finish = [ctypes.c_int64(count), ctypes.c_int64(width), ctypes.c_double(n)]
+                finish = [count, width, F64(n)]
                 target = [memref(partial), memref(tensors[key])]
 
                 def combine(lo: int, hi: int, address=functions[f"finish_{how}"], finish=finish, target=target):
-                    _call(address, [ctypes.c_int64(lo), ctypes.c_int64(hi), *finish, *target])
+                    _call(address, [lo, hi, *finish, *target])
 
                 _parallel(combine, width, count)
 
@@ -140,10 +139,10 @@ class StepKernels(Kernels):
         args = []
         for key in step.tensors:
             args += self._bundle(key, tensors[key], shape, None, alive, {})
-        fixed = [ctypes.c_int64(numel), ctypes.c_int64(cols), ctypes.c_int64(matrix)]
+        fixed = [numel, cols, matrix]
 
         def write(lo: int, hi: int) -> None:
-            _call(address, [ctypes.c_int64(lo), ctypes.c_int64(hi), *fixed, *args, *values])
+            _call(address, [lo, hi, *fixed, *args, *values])
 
         _parallel(write, -(-numel // self.superblock), self.superblock)
         for key in step.writes:
