@@ -490,7 +490,7 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
 
     Arguments: lo, hi (super-blocks), n (numel), cols (last dim, rank-1), then per tensor either one
     memref (param, grad, float state) or a quantized bundle (block: codes, scales; rank1: codes,
-    old rows, old cols, 1 / new rows, 1 / new cols; tensor: codes, old, 1 / new), then for a stats stage its
+    old rows, old cols, new rows, new cols; tensor: codes, old, new), then for a stats stage its
     maxima outputs (rank1: rows, cols; tensor: one), then the f32 scalars.
 
     Per super-block the loops are kept simple enough for LLVM to vectorize them: 4-bit codes are
@@ -569,11 +569,8 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
             col = at["col"](body.op(f"arith.addi {start}, %i : index", i + 2))
             for (k, new), buf in scale_bufs.items():
                 column = body.op(f"memref.load %{k}_{'n' if new else 'o'}col[{col}] : memref<?xf32>", i + 2)
-                if new:  # reciprocals: the larger one is 1 / the smaller scale
-                    value = _guarded(body, i + 2, body.op(f"arith.maximumf {rows[(k, new)]}, {column} : f32", i + 2))
-                else:
-                    value = body.op(f"arith.minimumf {rows[(k, new)]}, {column} : f32", i + 2)
-                body.raw(f"memref.store {value}, {buf}[%i] : memref<{L}xf32>", i + 2)
+                smaller = body.op(f"arith.minimumf {rows[(k, new)]}, {column} : f32", i + 2)
+                body.raw(f"memref.store {smaller}, {buf}[%i] : memref<{L}xf32>", i + 2)
             body.raw("}", i + 1)
             body.raw("}", i)
         if segments:
@@ -628,8 +625,8 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
             if k in buffers:
                 body.raw(f"memref.store {value}, {buffers[k]}[%i] : memref<{L}xf32>", j)
             elif k in quant:
-                inverse = _element_inverse(body, j, k, quant[k], where)
-                code = _encode(body, j, schemes[k], value, inverse, globals_)
+                scale = _element_scale(body, j, k, quant[k], where, new=True)
+                code = _encode(body, j, schemes[k], value, scale, globals_)
                 if k in packs:
                     body.raw(f"memref.store {code}, {packs[k]}[%i] : memref<{L}xi8>", j)
                 else:
@@ -667,7 +664,7 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
     packs = {k: f"%pack_{k}" for k in writes if k in quant and k not in buffers and schemes[k].bits == 4}
     for buf in [*unpacked.values(), *packs.values()]:
         body.raw(f"{buf} = memref.alloca() : memref<{L}xi8>", 2)
-    scale_bufs: dict[tuple[str, bool], str] = {}  # (rank-1 key, new?) -> per-element old scales / new inverses
+    scale_bufs: dict[tuple[str, bool], str] = {}  # (rank-1 key, new scales?) -> per-element scales
     if norm != "rank1":
         for k in (k for k in quant if quant[k][0] == "rank1"):
             scale_bufs |= {(k, False): f"%scale_{k}_old"} if k in reads else {}
@@ -737,7 +734,7 @@ def _dequantize(body, ind, key, scheme, layout, where, unpacked, L, globals_) ->
         code = body.op(f"memref.load {unpacked}[{where['i']}] : memref<{L}xi8>", ind)
     else:
         code = body.op(f"memref.load %{key}_codes[{where['e']}] : memref<?xi8>", ind)
-    scale = _element_scale(body, ind, key, layout, where)
+    scale = _element_scale(body, ind, key, layout, where, new=False)
     return body.op(f"arith.mulf {_table_entry(body, ind, scheme, code, globals_)}, {scale} : f32", ind)
 
 
@@ -768,55 +765,30 @@ def _table_entry(body: Body, ind: int, scheme: QuantScheme, code: str, globals_:
     return level[0]
 
 
-def _element_scale(body: Body, ind: int, key: str, layout: tuple, where: dict) -> str:
-    """The stored (old) scale of the element at ``where``: what its code decodes against."""
+def _element_scale(body: Body, ind: int, key: str, layout: tuple, where: dict, new: bool) -> str:
     norm, block = layout
     if norm == "block":
-        if key in where["block_scales"]:
+        if not new and key in where["block_scales"]:
             return where["block_scales"][key]
         at = body.op(f"arith.divui {where['e']}, {body.index(block)} : index", ind)
         return body.op(f"memref.load %{key}_scales[{at}] : memref<?xf32>", ind)
     if norm == "rank1":
-        if (key, False) in where["scale_bufs"]:
+        if (key, new) in where["scale_bufs"]:
             L = where["L"]
-            return body.op(f"memref.load {where['scale_bufs'][(key, False)]}[{where['i']}] : memref<{L}xf32>", ind)
-        a = body.op(f"memref.load %{key}_orow[{where['row']}] : memref<?xf32>", ind)
-        b = body.op(f"memref.load %{key}_ocol[{where['col']}] : memref<?xf32>", ind)
+            return body.op(f"memref.load {where['scale_bufs'][(key, new)]}[{where['i']}] : memref<{L}xf32>", ind)
+        rows, cols = (f"%{key}_nrow", f"%{key}_ncol") if new else (f"%{key}_orow", f"%{key}_ocol")
+        a = body.op(f"memref.load {rows}[{where['row']}] : memref<?xf32>", ind)
+        b = body.op(f"memref.load {cols}[{where['col']}] : memref<?xf32>", ind)
         return body.op(f"arith.minimumf {a}, {b} : f32", ind)
-    return body.op(f"memref.load %{key}_old[%c_0] : memref<?xf32>", ind)
+    return body.op(f"memref.load %{key}_{'new' if new else 'old'}[%c_0] : memref<?xf32>", ind)
 
 
-def _element_inverse(body: Body, ind: int, key: str, layout: tuple, where: dict) -> str:
-    """1 / (the element's new scale) for a rank-1 or per-tensor store, from the reciprocals of the new
-    maxima the runtime passes: 1 / min(row, col) = max(1 / row, 1 / col) exactly."""
-    if layout[0] == "rank1":
-        if (key, True) in where["scale_bufs"]:
-            L = where["L"]
-            return body.op(f"memref.load {where['scale_bufs'][(key, True)]}[{where['i']}] : memref<{L}xf32>", ind)
-        a = body.op(f"memref.load %{key}_nrow[{where['row']}] : memref<?xf32>", ind)
-        b = body.op(f"memref.load %{key}_ncol[{where['col']}] : memref<?xf32>", ind)
-        return _guarded(body, ind, body.op(f"arith.maximumf {a}, {b} : f32", ind))
-    return _guarded(body, ind, body.op(f"memref.load %{key}_new[%c_0] : memref<?xf32>", ind))
-
-
-def _guarded(body: Body, ind: int, reciprocal: str) -> str:
-    """A reciprocal of a scale, with 1 where the scale was zero (inf) or NaN: x / 1, as torch's quantize_."""
-    finite = body.op(f"arith.cmpf olt, {reciprocal}, {body.f32(math.inf)} : f32", ind)
-    return body.op(f"arith.select {finite}, {reciprocal}, {body.f32(1.0)} : f32", ind)
-
-
-def _inverse(body: Body, ind: int, scale: str) -> str:
-    """1 / scale, with 1 for a zero scale (an all-zero block reads back as zeros, not NaN)."""
-    positive = body.op(f"arith.cmpf ogt, {scale}, {body.f32(0.0)} : f32", ind)
-    safe = body.op(f"arith.select {positive}, {scale}, {body.f32(1.0)} : f32", ind)
-    return body.op(f"arith.divf {body.f32(1.0)}, {safe} : f32", ind)
-
-
-def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, inverse: str, globals_: dict) -> str:
-    """Nearest table entry of value · inverse (the scale's guarded reciprocal, taken once per block,
-    row or column as every backend does): the count of midpoints below it (NaN: none)."""
-    zero = body.f32(0.0)
-    x = body.op(f"arith.mulf {value}, {inverse} : f32", ind)
+def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, globals_: dict) -> str:
+    """Nearest table entry of value / scale: the count of midpoints below it (NaN: none)."""
+    zero, one = body.f32(0.0), body.f32(1.0)
+    positive = body.op(f"arith.cmpf ogt, {scale}, {zero} : f32", ind)
+    safe = body.op(f"arith.select {positive}, {scale}, {one} : f32", ind)  # all-zero blocks: x / 1
+    x = body.op(f"arith.divf {value}, {safe} : f32", ind)
     step = _power_of_two_step(scheme)
     if step is not None:  # midpoint i is (c + i) * d: the count below x is ceil(x / d - c), clamped
         first, d = step
@@ -899,11 +871,10 @@ def _requantize_blocks(body, ind, key, scheme, block, L, buf, start, length, glo
         body.raw("}", k)
     at = body.op(f"arith.addi {first}, %b_{key} : index", k)
     body.raw(f"memref.store {absmax}, %{key}_scales[{at}] : memref<?xf32>", k)
-    inverse = _inverse(body, k, absmax)
     if scheme.bits == 8:
         body.raw(f"scf.for %j = {lo} to {hi} step %c_1 {{", k)
         x = body.op(f"memref.load {buf}[%j] : memref<{L}xf32>", k + 1)
-        code = _encode(body, k + 1, scheme, x, inverse, globals_)
+        code = _encode(body, k + 1, scheme, x, absmax, globals_)
         body.raw(
             f"memref.store {code}, %{key}_codes[{body.op(f'arith.addi {start}, %j : index', k + 1)}] : memref<?xi8>",
             k + 1,
@@ -916,12 +887,12 @@ def _requantize_blocks(body, ind, key, scheme, block, L, buf, start, length, glo
         m = k + 1
         even = body.op("arith.shli %q, %c_1 : index", m)
         odd = body.op(f"arith.addi {even}, %c_1 : index", m)
-        low = _encode(body, m, scheme, body.op(f"memref.load {buf}[{even}] : memref<{L}xf32>", m), inverse, globals_)
+        low = _encode(body, m, scheme, body.op(f"memref.load {buf}[{even}] : memref<{L}xf32>", m), absmax, globals_)
         # the odd partner of the last element of an odd-sized tensor packs as code 0
         has_odd = body.op(f"arith.cmpi ult, {odd}, {hi} : index", m)
         safe_odd = body.op(f"arith.select {has_odd}, {odd}, {even} : index", m)
         high = _encode(
-            body, m, scheme, body.op(f"memref.load {buf}[{safe_odd}] : memref<{L}xf32>", m), inverse, globals_
+            body, m, scheme, body.op(f"memref.load {buf}[{safe_odd}] : memref<{L}xf32>", m), absmax, globals_
         )
         high = body.op(f"arith.select {has_odd}, {high}, {body.const('0', 'i8')} : i8", m)
         four = body.const("4", "i8")

@@ -458,10 +458,9 @@ def _kernel_scales(maxima: list[torch.Tensor], shape: tuple) -> tuple[torch.Tens
 
 
 def _new_scales(maxima: list[torch.Tensor], shape: tuple, normalize: str) -> tuple:
-    """From the stats kernels' maxima: (the scales to store, the reciprocals the write kernel encodes
-    with — one division per row and column, not per element)."""
+    """From the stats kernels' maxima: (the scales to store, the tensors the write kernel reads)."""
     if normalize == "tensor":
-        return maxima[0], (maxima[0].reciprocal(),)
+        return maxima[0], (maxima[0],)
     rows, cols = maxima
     lead = rows.view(shape[:-1])
     per_dim = [
@@ -469,7 +468,7 @@ def _new_scales(maxima: list[torch.Tensor], shape: tuple, normalize: str) -> tup
         for keep in range(lead.ndim)
     ]
     per_dim.append(cols)
-    return torch.cat(per_dim), tuple(t.reciprocal() for t in _kernel_scales(per_dim, shape))
+    return torch.cat(per_dim), _kernel_scales(per_dim, shape)
 
 
 __all__ = ["Kernels", "MlirBackendError", "Stage", "compile_module"]

@@ -124,7 +124,6 @@ def quantize_(state: QuantizedState, x: torch.Tensor) -> None:
         )
     scale = element_scales(state)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero blocks: 0/1, not 0/0
-    # times the reciprocal, as the fused kernels do (one division per block / row / column there)
-    normalized = (x.float() * safe.reciprocal()).reshape(-1)
+    normalized = (x.float() / safe).reshape(-1)
     index = torch.bucketize(normalized, state.midpoints)  # nearest entry: count of midpoints below
     state.codes.copy_(_pack(index, state.scheme.bits))

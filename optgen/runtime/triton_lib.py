@@ -171,9 +171,9 @@ def block_scales(x, start, mask, scales_ptr, numel, QBLOCK: tl.constexpr, BLOCK_
 
 @triton.jit
 def normalized(x, scale):
-    """x times 1 / scale, zero scales guarded (an all-zero block reads back as zeros, not NaN);
-    an IEEE reciprocal, as torch's quantize_ takes, so ties at a midpoint fall the same way."""
-    return x * tl.div_rn(1.0, tl.where(scale > 0, scale, 1.0))
+    """x / scale with zero scales guarded (an all-zero block reads back as zeros, not NaN);
+    IEEE division, as torch's, so ties at a midpoint fall the same way."""
+    return tl.div_rn(x, tl.where(scale > 0, scale, 1.0))
 
 
 @triton.jit
