@@ -133,7 +133,8 @@ def render(results: Path, size: str, readme: Path) -> str:
         BEGIN,
         "Regenerate everything below with `make bench` (CPU, about 15 minutes on 2 cores; the same scripts use "
         "the GPU when there is one). The machine was shared with other jobs while these ran, so wall times are "
-        "noisy; losses are a deterministic function of the seed on a given machine.",
+        "noisy (step-time ratios moved by up to ±30% between runs); losses are a deterministic function of "
+        "the seed on a given machine.",
     ]
     if runs:
         parts += [
