@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from same_result import assert_same_result  # tests/ is on sys.path
 
 import optgen
 from optgen.codegen.emit_mlir import mlir_modules
@@ -245,14 +246,7 @@ def test_threads_give_the_same_result_as_one_thread(all_reductions, monkeypatch)
     finally:
         torch.set_num_threads(threads)
     for name in ("factor4bit", "allreductions"):
-        (one, one_state), (two, two_state) = results[(name, 1)], results[(name, 2)]
-        assert torch.equal(one, two), name
-        for key, value in one_state.items():
-            other = two_state[key]
-            if isinstance(value, QuantizedState):
-                assert torch.equal(value.codes, other.codes) and torch.equal(value.scales, other.scales), key
-            else:
-                assert torch.equal(value, other), key
+        assert_same_result(name, results[(name, 1)], results[(name, 2)])
 
 
 def test_updates_in_place_and_auto_picks_mlir(monkeypatch):

@@ -63,10 +63,8 @@ class Stage:
 
 
 def memref(tensor: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[int, int]:
-    """A 1-D memref argument over elements [start, stop) of a contiguous tensor's storage (no copy),
-    or over all of it: (address of the first element, length)."""
-    if stop is None and not start:
-        return tensor.data_ptr(), tensor.numel()
+    """A 1-D memref argument over elements [start, stop) of a contiguous tensor's storage (no copy):
+    (address of element ``start``, length)."""
     stop = tensor.numel() if stop is None else stop
     return tensor.data_ptr() + start * tensor.element_size(), stop - start
 
