@@ -22,6 +22,7 @@ from same_result import assert_same_result  # tests/ is on sys.path
 import optgen
 from optgen.cli import main
 from optgen.codegen.emit_mlir import emit_mlir
+from optgen.codegen.mlir_team import team_function
 from optgen.codegen.plan import make_plan
 from optgen.codegen.spec import builtin_specs, load_spec
 from optgen.runtime import mlir_jit
@@ -49,17 +50,17 @@ MLIR_SPECS = sorted({sub for (_, sub), ok in EMITTED.items() if ok})
 
 
 class CallCounter:
-    """Counts (and records the element ranges of) the MLIR kernel calls."""
+    """Records the MLIR kernel launches: (count, arguments, pieces) each."""
 
     def __init__(self, monkeypatch):
-        self.calls: list[list] = []
-        original = mlir_jit._call
+        self.calls: list[tuple[int, list, int]] = []
+        original = mlir_jit.launch
 
-        def counted(address, args):
-            self.calls.append(args)
-            original(address, args)
+        def counted(team, count, args, split=1):
+            self.calls.append((count, args, split))
+            original(team, count, args, split)
 
-        monkeypatch.setattr(mlir_jit, "_call", counted)
+        monkeypatch.setattr(mlir_jit, "launch", counted)
 
 
 def _inputs(shapes, dtype, steps: int, seed: int = 0):
@@ -235,7 +236,7 @@ def test_updates_in_place(name, monkeypatch):
 
 
 def test_threads_give_the_same_result_as_one_thread(monkeypatch):
-    # big enough that _parallel splits it (MIN_ELEMENTS_PER_THREAD elements per thread at least)
+    # big enough that every launch is split (MIN_ELEMENTS_PER_THREAD elements per piece at least)
     shape = (300, 457)
     assert math.prod(shape) >= 4 * mlir_jit.MIN_ELEMENTS_PER_THREAD
     threads = torch.get_num_threads()
@@ -246,11 +247,7 @@ def test_threads_give_the_same_result_as_one_thread(monkeypatch):
             for name in ("adamw", "adamw4bit", "adamw8bit", "sgdm4bit"):
                 counter = CallCounter(monkeypatch)
                 params, opt = _train(name, "mlir", [shape], torch.float32, steps=2)
-                ranges = {tuple(call[:2]) for call in counter.calls if name != "adamw"}
-                if count > 1 and name != "adamw":
-                    assert len(ranges) >= count, f"{name}: not split across threads: {ranges}"
-                if name == "adamw":  # descriptors over [lo, hi): the whole tensor on one thread
-                    assert ({call[0][1] for call in counter.calls} != {math.prod(shape)}) == (count > 1)
+                assert {split for _, _, split in counter.calls} == {count}, f"{name}: not split in {count}"
                 results[(name, count)] = (params[0].detach().clone(), opt.state[params[0]])
     finally:
         torch.set_num_threads(threads)
@@ -258,30 +255,70 @@ def test_threads_give_the_same_result_as_one_thread(monkeypatch):
         assert_same_result(name, results[(name, 1)], results[(name, 4)])
 
 
+# A kernel of each kind a team entry serves: over [lo, hi) with whole memrefs and one output per
+# piece (``first``), and element-wise over slices of its memrefs.
+TEAM_PROBE = """
+module {
+  func.func @ranged(%lo: index, %hi: index, %hits: memref<?xf32>, %first: memref<?xf32>, %add: f32)
+      attributes {llvm.emit_c_interface} {
+    %c0 = arith.constant 0 : index
+    %c1 = arith.constant 1 : index
+    scf.for %i = %lo to %hi step %c1 {
+      %old = memref.load %hits[%i] : memref<?xf32>
+      %new = arith.addf %old, %add : f32
+      memref.store %new, %hits[%i] : memref<?xf32>
+    }
+    %lo64 = arith.index_cast %lo : index to i64
+    %at = arith.sitofp %lo64 : i64 to f32
+    memref.store %at, %first[%c0] : memref<?xf32>
+    return
+  }
+  func.func @sliced(%x: memref<?xf32>, %n: memref<?xf32>) attributes {llvm.emit_c_interface} {
+    %c0 = arith.constant 0 : index
+    %c1 = arith.constant 1 : index
+    %len = memref.dim %x, %c0 : memref<?xf32>
+    %l64 = arith.index_cast %len : index to i64
+    %l = arith.sitofp %l64 : i64 to f32
+    scf.for %i = %c0 to %len step %c1 {
+      %i64 = arith.index_cast %i : index to i64
+      %v = arith.sitofp %i64 : i64 to f32
+      memref.store %v, %x[%i] : memref<?xf32>
+      memref.store %l, %n[%i] : memref<?xf32>
+    }
+    return
+  }
+TEAMS
+}
+"""
+
+
 @pytest.mark.parametrize("team", ["openmp", "pool"])
-def test_parallel_runs_every_piece_once_in_order_and_reraises(monkeypatch, team):
+def test_team_runs_every_piece_once(monkeypatch, team):
     # the OpenMP team (torch's libgomp) and the thread-pool fall-back behave the same
     if team == "pool":
         monkeypatch.setattr(mlir_jit, "_gomp", lambda: None)
     elif mlir_jit._gomp() is None:
         pytest.fail("torch ships libgomp on Linux: the OpenMP team should be found")
-    monkeypatch.setattr(mlir_jit, "num_threads", lambda: 3)
-    count = 3 * mlir_jit.MIN_ELEMENTS_PER_THREAD
-    seen = []
-    assert mlir_jit._parallel(lambda lo, hi: seen.append((lo, hi)) or (lo, hi), count, 1) == [
-        (0, count // 3),
-        (count // 3, 2 * count // 3),
-        (2 * count // 3, count),
-    ]
-    assert sorted(seen) == [(0, count // 3), (count // 3, 2 * count // 3), (2 * count // 3, count)]
+    ranged = ["%lo: index", "%hi: index", "%hits: memref<?xf32>", "%first: memref<?xf32>", "%add: f32"]
+    teams = team_function("ranged", ranged, frozenset({"first"}))
+    teams += team_function("sliced", ["%x: memref<?xf32>", "%n: memref<?xf32>"])
+    functions = mlir_jit.compile_module("probe", team, TEAM_PROBE.replace("TEAMS", "\n".join(teams)))
+    count, split = 1000, 3
+    hits, first = torch.zeros(count), torch.full((split,), -1.0)
+    mlir_jit.launch(functions["ranged_team"], count, [mlir_jit.memref(hits), (first.data_ptr(), 1), 0.5], split)
+    assert torch.equal(hits, torch.full((count,), 0.5)), "an element was visited twice or never"
+    assert first.tolist() == [0.0, 333.0, 666.0]  # piece p wrote its own output: its start
+    x, n = torch.full((count,), -1.0), torch.zeros(count)
+    mlir_jit.launch(functions["sliced_team"], count, [mlir_jit.memref(x), mlir_jit.memref(n)], split)
+    bounds = [0, 333, 666, 1000]
+    expected = torch.cat([torch.arange(hi - lo, dtype=torch.float32) for lo, hi in zip(bounds, bounds[1:])])
+    assert torch.equal(x, expected), "slices do not start at their piece"
+    assert n.unique().tolist() == [333.0, 334.0]  # each slice's length is its piece's
 
-    def fail_in_the_middle(lo, hi):
-        if lo == count // 3:
-            raise ValueError("piece failed")
-        return lo
 
-    with pytest.raises(ValueError, match="piece failed"):
-        mlir_jit._parallel(fail_in_the_middle, count, 1)
+def test_team_function_refuses_arguments_it_cannot_pass():
+    with pytest.raises(ValueError, match=r"memref<4x4xf32>"):
+        team_function("k", ["%lo: index", "%hi: index", "%m: memref<4x4xf32>"])
 
 
 # -- errors, CLI -----------------------------------------------------------------------------------
@@ -325,7 +362,12 @@ def test_show_mlir_prints_the_modules(capsys):
     out = capsys.readouterr().out
     for variant in ("float32-nd", "float32-flat", "bfloat16-nd", "bfloat16-flat"):
         assert f"// adamw4bit, variant {variant}" in out
-    assert out.count("func.func @map_") == 4 and "arith.truncf" in out and "memref<?xi8>" in out
+    assert (
+        out.count("func.func @map_1(") == 4
+        and out.count("func.func @map_1_team(") == 4
+        and "arith.truncf" in out
+        and "memref<?xi8>" in out
+    )
     assert main(["show", "swan", "--mlir"]) == 0
     out = capsys.readouterr().out
     assert "swan: the MLIR backend declines this plan" in out and "// adamw, variant float32-any" in out
@@ -401,11 +443,11 @@ def test_linear_nozero_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, b
     assert torch.equal(codes["mlir"], codes["torch"])
 
 
-def test_call_passes_each_kind_of_argument():
-    # The packed-wrapper buffer (descriptors, i64, f32, f64): a probe function stores what it got.
+def test_launch_passes_each_kind_of_argument():
+    # The team entry's data words (memref, i64, f32, f64): a probe function stores what it got.
     source = """
 module {
-  func.func @probe(%i: index, %x: f32, %y: f64, %view: memref<?xf32>, %out: memref<?xf64>)
+  func.func @probe(%lo: index, %hi: index, %i: index, %x: f32, %y: f64, %view: memref<?xf32>, %out: memref<?xf64>)
       attributes {llvm.emit_c_interface} {
     %c0 = arith.constant 0 : index
     %c1 = arith.constant 1 : index
@@ -427,12 +469,16 @@ module {
     memref.store %e, %out[%c4] : memref<?xf64>
     return
   }
+TEAM
 }
 """
-    address = mlir_jit.compile_module("probe", "test", source)["probe"]
-    values = torch.arange(10, dtype=torch.float32)
+    args = ["%lo: index", "%hi: index", "%i: index", "%x: f32", "%y: f64"]
+    args += ["%view: memref<?xf32>", "%out: memref<?xf64>"]
+    team = "\n".join(team_function("probe", args))
+    address = mlir_jit.compile_module("probe", "test", source.replace("TEAM", team))["probe_team"]
+    values = torch.arange(3, 9, dtype=torch.float32)
     out = torch.zeros(5, dtype=torch.float64)
-    mlir_jit._call(address, [-7, 1.5, mlir_jit.F64(0.1), mlir_jit.memref(values, 3, 9), mlir_jit.memref(out)])
+    mlir_jit.launch(address, 1, [-7, 1.5, mlir_jit.F64(0.1), mlir_jit.memref(values), mlir_jit.memref(out)])
     assert out.tolist() == [-7.0, 1.5, 0.1, 6.0, 3.0]
     with pytest.raises(TypeError, match="MLIR call argument of type str"):
-        mlir_jit._call(address, ["7"])
+        mlir_jit.launch(address, 1, ["7"])

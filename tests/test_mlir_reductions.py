@@ -69,17 +69,17 @@ def all_reductions(tmp_path):
 
 
 class Calls:
-    """Counts the MLIR calls of these plans (and records their work-unit ranges)."""
+    """Records the MLIR launches of these plans: (count, pieces) each."""
 
     def __init__(self, monkeypatch):
-        self.ranges: list[tuple[int, int]] = []
-        original = mlir_steps._call
+        self.launches: list[tuple[int, int]] = []
+        original = mlir_steps.launch
 
-        def counted(address, args):
-            self.ranges.append((args[0], args[1]))
-            original(address, args)
+        def counted(team, count, args, split=1):
+            self.launches.append((count, split))
+            original(team, count, args, split)
 
-        monkeypatch.setattr(mlir_steps, "_call", counted)
+        monkeypatch.setattr(mlir_steps, "launch", counted)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -105,7 +105,7 @@ def run(cls, backend: str, shape, dtype=torch.float32, steps: int = 3, grads=Non
 def assert_matches_torch(cls, shape, monkeypatch, dtype=torch.float32, **hyper):
     calls = Calls(monkeypatch)
     p_mlir, s_mlir = run(cls, "mlir", shape, dtype, **hyper)
-    assert calls.ranges, "the MLIR kernels never ran"
+    assert calls.launches, "the MLIR kernels never ran"
     p_torch, s_torch = run(cls, "torch", shape, dtype, **hyper)
     assert p_torch.abs().max() > 0  # the steps did something
     if dtype == torch.float32:
@@ -241,8 +241,8 @@ def test_threads_give_the_same_result_as_one_thread(all_reductions, monkeypatch)
             for name, cls in (("factor4bit", optgen.load("factor4bit")), ("allreductions", all_reductions)):
                 calls = Calls(monkeypatch)
                 results[(name, count)] = run(cls, "mlir", shape, steps=2)
-                starts = {lo for lo, _ in calls.ranges}
-                assert (len(starts) > 1) == (count > 1), f"{name}: work units {sorted(starts)}"
+                splits = {split for _, split in calls.launches}
+                assert max(splits) == count, f"{name}: launches split in {sorted(splits)}, not {count}"
     finally:
         torch.set_num_threads(threads)
     for name in ("factor4bit", "allreductions"):
@@ -266,7 +266,7 @@ def test_updates_in_place_and_auto_picks_mlir(monkeypatch):
             tensor = value.codes if isinstance(value, QuantizedState) else value
             assert tensor.data_ptr() == storage[key], f"{key} was reallocated"
             assert not torch.equal(tensor, old[key]), f"{key} was not updated"
-    assert calls.ranges and not torch.equal(view, before)
+    assert calls.launches and not torch.equal(view, before)
 
 
 def test_state_of_the_wrong_size_is_not_handed_to_the_kernels(monkeypatch):
@@ -275,12 +275,12 @@ def test_state_of_the_wrong_size_is_not_handed_to_the_kernels(monkeypatch):
     opt = optgen.load("factor4bit")([param])
     param.grad = torch.randn(129, 257)
     opt.step()
-    assert calls.ranges
-    calls.ranges.clear()
+    assert calls.launches
+    calls.launches.clear()
     opt.state[param]["exp_avg_sq_row"] = torch.zeros(5)  # e.g. from another model's state_dict
     with pytest.raises(RuntimeError):  # the torch kernels' own error, not memory past the tensor
         opt.step()
-    assert not calls.ranges
+    assert not calls.launches
 
 
 # -- what the emitter declines ---------------------------------------------------------------------
@@ -314,4 +314,4 @@ def test_declined_plans_say_why_and_run_on_torch(source, reason, tmp_path, monke
     opt = optgen.load(str(path))([param])
     param.grad = torch.randn(40, 70)
     opt.step()  # backend="auto": the torch kernels
-    assert not calls.ranges and torch.isfinite(param).all()
+    assert not calls.launches and torch.isfinite(param).all()

@@ -31,6 +31,7 @@ import sympy
 from optgen.codegen import expr as E
 from optgen.codegen.emit_torch import _scheme_literal
 from optgen.codegen.expr import Kind
+from optgen.codegen.mlir_team import with_teams
 from optgen.codegen.plan import Plan, Stage
 from optgen.codegen.printer import TextPrinter
 from optgen.codegen.quant import QuantScheme, midpoints
@@ -243,7 +244,7 @@ class _Program:
                 function = _quantized_stage(self, stage, dtype, layout, globals_)
                 if function is not None:
                     functions.append(function)
-        return render("mlir/module.mlir.j2", globals=list(globals_.values()), functions=functions)
+        return render("mlir/module.mlir.j2", globals=list(globals_.values()), functions=with_teams(functions))
 
 
 class HostPrinter(TextPrinter):
@@ -513,14 +514,13 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
             args += [f"%{k}_{p}: memref<?x{'i8' if p == 'codes' else 'f32'}>" for p in parts]
         else:
             args.append(f"%{k}: memref<?x{program.storage_type(k, dtype)}>")
-    norm = None
+    norm, maxima = None, []
     if stage.op == "stats":
         norm = program.layout_of(program.stats_target(stage), layout)[0]
         if norm == "block":  # the flat variant of a rank-1 store: the write stage reduces it
             return None
-        args += (
-            ["%max_rows: memref<?xf32>", "%max_cols: memref<?xf32>"] if norm == "rank1" else ["%max_all: memref<?xf32>"]
-        )
+        maxima = ["max_rows", "max_cols"] if norm == "rank1" else ["max_all"]
+        args += [f"%{m}: memref<?xf32>" for m in maxima]  # one set per piece of the launch
     args += [f"%{n}: f32" for n in scalars]
     schemes = program.quantized_keys
     reads = {program.key(s) for s in stage.inputs if program.is_tensor(s)}
@@ -689,6 +689,8 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
         "kind": "raw",
         "name": stage.name,
         "doc": _doc(stage),
+        "args": args,
+        "per_piece": frozenset(maxima),
         "lines": [f"  func.func @{stage.name}({', '.join(args)}) attributes {{llvm.emit_c_interface}} {{"]
         + ["    %c_0 = arith.constant 0 : index", "    %c_1 = arith.constant 1 : index"]
         + body.lines

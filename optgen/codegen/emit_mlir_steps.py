@@ -54,6 +54,7 @@ from optgen.codegen.emit_mlir import (
 from optgen.codegen.emit_torch import _scheme_literal
 from optgen.codegen.emit_triton import _buffers, _reductions, schedule
 from optgen.codegen.expr import Kind
+from optgen.codegen.mlir_team import with_teams
 from optgen.codegen.plan import Plan
 from optgen.codegen.templates import render
 
@@ -285,7 +286,7 @@ class _StepProgram(_Program):
                 functions.append(_vector_launch(program, step, dtype))
         ops = sorted({str(let.expr.func) for step in program.steps for let in program.partials(step)})
         functions += [_finish(op) for op in ops]
-        return render("mlir/module.mlir.j2", globals=list(globals_.values()), functions=functions)
+        return render("mlir/module.mlir.j2", globals=list(globals_.values()), functions=with_teams(functions))
 
 
 def _dim(let) -> int:
@@ -613,11 +614,12 @@ def _finish(how: str) -> dict:
     body.raw(f"memref.store {value}, %out[%k.j] : memref<?xf32>", 3)
     body.raw("}", 2)
     doc = [f"combines the float64 partials of {how} reductions in a fixed order"]
-    return {"kind": "raw", "name": f"finish_{how}", "doc": doc, "lines": _lines(f"finish_{how}", args, body.lines)}
+    lines = _lines(f"finish_{how}", args, body.lines)
+    return {"kind": "raw", "name": f"finish_{how}", "doc": doc, "args": args, "lines": lines}
 
 
 def _function(step, args: list[str], lines: list[str]) -> dict:
-    return {"kind": "raw", "name": step.name, "doc": _doc(step), "lines": _lines(step.name, args, lines)}
+    return {"kind": "raw", "name": step.name, "doc": _doc(step), "args": args, "lines": _lines(step.name, args, lines)}
 
 
 def _lines(name: str, args: list[str], lines: list[str]) -> list[str]:

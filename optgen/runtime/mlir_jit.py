@@ -2,9 +2,10 @@
 
 A generated ``mlir_<spec>.py`` holds MLIR text per variant (parameter dtype, layout) and a
 ``Kernels`` object.  On first use of a variant the text goes through ``PIPELINE`` and the MLIR
-ExecutionEngine (opt level 3); the engine is cached per process by the text's hash.  Calls are
-zero-copy: each memref argument is a descriptor over the tensor's ``data_ptr()``.  Element ranges
-(whole super-blocks for quantized state) are split across ``torch.get_num_threads()`` threads, so
+ExecutionEngine (opt level 3); the engine is cached per process by the text's hash.  A launch is
+zero-copy: memref arguments are the tensors' ``data_ptr()``, and each kernel's team entry
+(optgen/codegen/mlir_team.py) splits the element range (whole super-blocks for quantized state)
+across ``torch.get_num_threads()`` threads of torch's OpenMP team in native code, so
 ``torch.set_num_threads`` is the knob; a tensor gets one thread per ``MIN_ELEMENTS_PER_THREAD``
 elements at most, and results are the same bits for any thread count.  The foreign call releases
 the GIL.  Sizes are dynamic, so one compiled function serves every numel.
@@ -16,7 +17,6 @@ import ctypes
 import functools
 import hashlib
 import importlib
-import itertools
 import math
 import os
 import re
@@ -62,11 +62,9 @@ class Stage:
     target: str | None = None  # stats: the quantized state whose maxima it reduces
 
 
-def memref(tensor: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[int, int]:
-    """A 1-D memref argument over elements [start, stop) of a contiguous tensor's storage (no copy):
-    (address of element ``start``, length)."""
-    stop = tensor.numel() if stop is None else stop
-    return tensor.data_ptr() + start * tensor.element_size(), stop - start
+def memref(tensor: torch.Tensor) -> tuple[int, int]:
+    """A 1-D memref argument over a contiguous tensor's storage (no copy): (address, length)."""
+    return tensor.data_ptr(), tensor.numel()
 
 
 class F64(float):
@@ -75,66 +73,58 @@ class F64(float):
 
 _PACKED = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _FUNCTIONS: dict[int, ctypes._CFuncPtr] = {}  # address -> callable (made once: creating one costs microseconds)
+_LAYOUTS: dict[tuple[type, ...], struct.Struct] = {}
+# the team entry's packed wrapper follows two pointers to the data: claim counter, pieces, count, args
+_HEADER = "<5q"
+_CODES = {tuple: "Qq", int: "q", float: "f4x", F64: "d"}
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """One buffer holding a call's arguments for a packed wrapper: per argument its value (a memref:
-    its descriptor — allocated, aligned, offset, size, stride — then a pointer to it), then the
-    ``void*`` array pointing at each (a memref: at that pointer)."""
-
-    struct: struct.Struct
-    descriptors: tuple[int | None, ...]  # per argument: its descriptor's offset (memrefs), else None
-    pointers: tuple[int, ...]  # offset of what each packed entry points at
-    packed: int  # offset of the packed array
-
-
-_LAYOUTS: dict[tuple[type, ...], _Layout] = {}
-_CODES = {int: "q", float: "f4x", F64: "d"}
-
-
-def _layout(kinds: tuple[type, ...]) -> _Layout:
-    codes, descriptors, pointers, offset = ["<"], [], [], 0
+def _layout(kinds: tuple[type, ...]) -> struct.Struct:
+    codes = [_HEADER]
     for kind in kinds:
-        if kind is tuple:
-            codes.append("6q")
-            descriptors.append(offset)
-            pointers.append(offset + 40)
-            offset += 48
-        elif kind in _CODES:
-            codes.append(_CODES[kind])
-            descriptors.append(None)
-            pointers.append(offset)
-            offset += 8
-        else:
+        if kind not in _CODES:
             raise TypeError(f"MLIR call argument of type {kind.__name__}: expected a memref (tuple), int or float")
-    codes.append(f"{len(kinds)}Q")
-    return _Layout(struct.Struct("".join(codes)), tuple(descriptors), tuple(pointers), offset)
+        codes.append(_CODES[kind])
+    return struct.Struct("".join(codes))
 
 
-def _call(address: int, args: list) -> None:
-    """Call an ``llvm.emit_c_interface`` function through its packed wrapper (``void**`` args).
+def pieces(count: int, unit: int) -> int:
+    """How many pieces a launch over ``count`` units of ``unit`` elements is split into: one per
+    thread, each of ``MIN_ELEMENTS_PER_THREAD`` elements at least."""
+    return max(1, min(num_threads(), count * unit // MIN_ELEMENTS_PER_THREAD, count))
 
-    ``args``: a memref as ``memref()``'s (address, length), an i64 as an int, an f32 as a float, an
-    f64 as an ``F64``.  They are written into one buffer by one ``struct.pack_into`` (its layout
-    made once per argument signature): this runs once per tensor, stage and thread, and building
-    a ctypes object per argument took twice as long."""
+
+def launch(team: int, count: int, args: list, split: int = 1) -> None:
+    """Run a kernel over [0, count) in ``split`` pieces through its team entry (``team``: the address
+    of ``<kernel>_team``, see optgen/codegen/mlir_team.py) on torch's OpenMP team.
+
+    ``args``: the kernel's arguments after lo/hi — a memref as ``memref()``'s (address, length), an
+    i64 as an int, an f32 as a float, an f64 as an ``F64``.  They are written into one buffer by one
+    ``struct.pack_into`` (layout made once per argument signature); the threads claim the pieces in
+    native code.  torch's team, not a pool of our own: after a torch op its workers spin-wait on
+    the other cores, so a second pool would only share those cores with them."""
     kinds = tuple(arg.__class__ for arg in args)
     layout = _LAYOUTS.get(kinds) or _LAYOUTS.setdefault(kinds, _layout(kinds))
-    buffer = ctypes.create_string_buffer(layout.struct.size)
+    buffer = ctypes.create_string_buffer(layout.size)
     base = ctypes.addressof(buffer)
     values: list = []
-    for arg, at in zip(args, layout.descriptors):
-        if at is None:
-            values.append(arg)
+    for arg in args:
+        if arg.__class__ is tuple:
+            values += arg
         else:
-            values += (arg[0], arg[0], 0, arg[1], 1, base + at)
-    values += [base + at for at in layout.pointers]
-    layout.struct.pack_into(buffer, 0, *values)
-    function = _FUNCTIONS.get(address)
-    if function is None:
-        function = _FUNCTIONS[address] = _PACKED(address)
-    function(base + layout.packed)
+            values.append(arg)
+    layout.pack_into(buffer, 0, base + 8, base + 16, 0, split, count, *values)
+    entry = _FUNCTIONS.get(team) or _FUNCTIONS.setdefault(team, _PACKED(team))
+    gomp = _gomp() if split > 1 else None
+    if gomp is not None:
+        gomp.GOMP_parallel(team, base, split, 0)  # ctypes releases the GIL for the whole launch
+    elif split > 1:
+        futures = [_pool().submit(entry, base) for _ in range(split - 1)]
+        entry(base)
+        for future in futures:
+            future.result()
+    else:
+        entry(base)
 
 
 # -- compilation -----------------------------------------------------------------------------------
@@ -229,45 +219,6 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _parallel(run, count: int, unit: int) -> list:
-    """``run(lo, hi)`` over [0, count) in contiguous pieces, one per thread; returns their results.
-
-    The threads are torch's own OpenMP team where torch ships libgomp: after a torch op its workers
-    spin-wait on the other cores, so a second thread pool would only share those cores with them
-    (measured: adamw4bit on 2 threads as slow as on 1). Pieces are claimed, not assigned, so a team
-    smaller than asked for (nested parallelism) still runs them all."""
-    threads = min(num_threads(), max(1, count * unit // MIN_ELEMENTS_PER_THREAD), count)
-    if threads <= 1:
-        return [run(0, count)]
-    bounds = [count * t // threads for t in range(threads + 1)]
-    results: list = [None] * threads
-    errors: list[BaseException] = []
-    claim = itertools.count().__next__  # atomic under the GIL
-
-    def work(_data=None) -> None:
-        try:
-            while (i := claim()) < threads:
-                results[i] = run(bounds[i], bounds[i + 1])
-        except BaseException as error:  # a ctypes callback cannot raise: hand it to the caller
-            errors.append(error)
-
-    gomp = _gomp()
-    if gomp is not None:
-        callback = _TEAM_BODY(work)
-        gomp.GOMP_parallel(callback, None, threads, 0)
-    else:
-        futures = [_pool().submit(work) for _ in range(threads - 1)]
-        work()
-        for future in futures:
-            future.result()
-    if errors:
-        raise errors[0]
-    return results
-
-
-_TEAM_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-
-
 @functools.cache
 def _gomp():
     """The libgomp torch loaded (its OpenMP team), or None."""
@@ -276,7 +227,7 @@ def _gomp():
         return None
     try:
         library = ctypes.CDLL(str(path))
-        library.GOMP_parallel.argtypes = [_TEAM_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        library.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         library.GOMP_parallel.restype = None
     except (OSError, AttributeError):
         return None
@@ -341,15 +292,10 @@ class Kernels:
             self._run_quantized(variant, functions, param, tensors, scalars)
             return
         numel = param.numel()
+        split = pieces(numel, 1)
         for stage in self.stages:
-            address = functions[stage.name]
-            values = [float(scalars[n]) for n in stage.scalars]
-            chosen = [tensors[k] for k in stage.tensors]
-
-            def call(lo: int, hi: int, address=address, chosen=chosen, values=values) -> None:
-                _call(address, [*(memref(t, lo, hi) for t in chosen), *values])
-
-            _parallel(call, numel, 1)
+            args = [*(memref(tensors[k]) for k in stage.tensors), *(float(scalars[n]) for n in stage.scalars)]
+            launch(functions[f"{stage.name}_team"], numel, args, split)
 
     # -- quantized plans ---------------------------------------------------------------------------
     def _run_quantized(self, variant: str, functions: dict, param: torch.Tensor, tensors: dict, scalars: dict) -> None:
@@ -359,6 +305,7 @@ class Kernels:
         shape = tuple(param.shape)
         cols = shape[-1] if layout == "nd" else 1
         count = -(-numel // block)
+        split = pieces(count, block)
         fixed = [numel, cols]
         new: dict[str, tuple] = {}  # rank-1 / per-tensor targets: (scales to store, kernel scale tensors)
         alive = []  # tensors the descriptors point into, held until the calls are done
@@ -374,21 +321,12 @@ class Kernels:
                 if normalize == "block":
                     continue  # block-wise: the write stage reduces each block itself
                 sizes = (numel // cols, cols) if normalize == "rank1" else (1,)
-
-                def reduce(lo, hi, address=functions[stage.name], args=args, values=values, sizes=sizes):
-                    maxima = [torch.zeros(n) for n in sizes]
-                    _call(address, [lo, hi, *fixed, *args, *(memref(m) for m in maxima), *values])
-                    return maxima
-
-                parts = _parallel(reduce, count, block)
-                maxima = [functools.reduce(torch.maximum, group) for group in zip(*parts)]  # keeps NaN
-                new[stage.target] = _new_scales(maxima, shape, normalize)
+                maxima = [torch.zeros(split, n) for n in sizes]  # one row per piece
+                outputs = [(m.data_ptr(), n) for m, n in zip(maxima, sizes)]  # the length of one piece's
+                launch(functions[f"{stage.name}_team"], count, [*fixed, *args, *outputs, *values], split)
+                new[stage.target] = _new_scales([m.amax(dim=0) for m in maxima], shape, normalize)  # keeps NaN
                 continue
-
-            def write(lo, hi, address=functions[stage.name], args=args, values=values) -> None:
-                _call(address, [lo, hi, *fixed, *args, *values])
-
-            _parallel(write, count, block)
+            launch(functions[f"{stage.name}_team"], count, [*fixed, *args, *values], split)
             for key in stage.writes:
                 target = tensors[key]
                 if not isinstance(target, QuantizedState):

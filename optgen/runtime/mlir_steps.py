@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from optgen.codegen.quant import QuantScheme
-from optgen.runtime.mlir_jit import F64, Kernels, _call, _parallel, kernel_dtype, memref, warn_if_not_finite
+from optgen.runtime.mlir_jit import F64, Kernels, kernel_dtype, launch, memref, pieces, warn_if_not_finite
 from optgen.runtime.state import QuantizedState
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -100,10 +100,10 @@ class StepKernels(Kernels):
         for key, kind in self.buffers.items():
             tensors[key] = torch.empty(extents[kind], dtype=torch.float32)
         for step in self.steps:
-            address = functions[step.name]
+            team = functions[f"{step.name}_team"]
             values = [float(scalars[n]) for n in step.scalars]
             if step.quantized and variant.endswith("-quantized"):  # the float variant walks stripes
-                self._quantized(step, address, tensors, values, shape, cols * rows)
+                self._quantized(step, team, tensors, values, shape, cols * rows)
                 continue
             if step.domain == "full":
                 units, per_unit = batch * stripes, self.stripe * cols
@@ -116,22 +116,13 @@ class StepKernels(Kernels):
                 for _, how, dim in step.partials
             ]
             args = [*(memref(tensors[k]) for k in step.tensors), *(memref(p) for p in partials)]
-
-            def call(lo: int, hi: int, address=address, fixed=fixed, args=args, values=values) -> None:
-                _call(address, [lo, hi, *fixed, *args, *values])
-
-            _parallel(call, units, per_unit)
+            launch(team, units, [*fixed, *args, *values], pieces(units, per_unit))
             for (key, how, dim), partial in zip(step.partials, partials):
                 count, width, n = (stripes, batch * cols, rows) if dim == -2 else (units, 1, extents[step.domain])
-                finish = [count, width, F64(n)]
-                target = [memref(partial), memref(tensors[key])]
+                finish = [count, width, F64(n), memref(partial), memref(tensors[key])]
+                launch(functions[f"finish_{how}_team"], width, finish, pieces(width, count))
 
-                def combine(lo: int, hi: int, address=functions[f"finish_{how}"], finish=finish, target=target):
-                    _call(address, [lo, hi, *finish, *target])
-
-                _parallel(combine, width, count)
-
-    def _quantized(self, step: Step, address: int, tensors: dict, values: list, shape: tuple, matrix: int) -> None:
+    def _quantized(self, step: Step, team: int, tensors: dict, values: list, shape: tuple, matrix: int) -> None:
         """A launch over super-blocks of the flat tensor (block-wise quantized state)."""
         numel = math.prod(shape)
         cols = shape[-1] if shape else 1
@@ -139,12 +130,8 @@ class StepKernels(Kernels):
         args = []
         for key in step.tensors:
             args += self._bundle(key, tensors[key], shape, None, alive, {})
-        fixed = [numel, cols, matrix]
-
-        def write(lo: int, hi: int) -> None:
-            _call(address, [lo, hi, *fixed, *args, *values])
-
-        _parallel(write, -(-numel // self.superblock), self.superblock)
+        count = -(-numel // self.superblock)
+        launch(team, count, [numel, cols, matrix, *args, *values], pieces(count, self.superblock))
         for key in step.writes:
             if isinstance(tensors[key], QuantizedState):
                 warn_if_not_finite(tensors[key], shape)
