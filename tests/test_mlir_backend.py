@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from same_result import assert_same_result  # tests/ is on sys.path
+from mlir_launches import Launches  # tests/ is on sys.path
+from same_result import assert_same_result
 
 import optgen
 from optgen.cli import main
@@ -47,20 +48,6 @@ def _emitted() -> dict[tuple[str, str], bool]:
 
 EMITTED = _emitted()
 MLIR_SPECS = sorted({sub for (_, sub), ok in EMITTED.items() if ok})
-
-
-class CallCounter:
-    """Records the MLIR kernel launches: (count, arguments, pieces) each."""
-
-    def __init__(self, monkeypatch):
-        self.calls: list[tuple[int, list, int]] = []
-        original = mlir_jit.launch
-
-        def counted(team, count, args, split=1):
-            self.calls.append((count, args, split))
-            original(team, count, args, split)
-
-        monkeypatch.setattr(mlir_jit, "launch", counted)
 
 
 def _inputs(shapes, dtype, steps: int, seed: int = 0):
@@ -120,9 +107,9 @@ def _assert_states_match(state_a: dict, state_b: dict, numel: int, where: str) -
 
 
 def _compare(name: str, dtype: torch.dtype, shapes, monkeypatch, spec: str | None = None) -> None:
-    counter = CallCounter(monkeypatch)
+    counter = Launches(monkeypatch, mlir_jit)
     mlir_params, mlir_opt = _train(name, "mlir", shapes, dtype, spec=spec)
-    assert counter.calls, f"{name}: the MLIR kernels never ran"
+    assert counter.launches, f"{name}: the MLIR kernels never ran"
     torch_params, torch_opt = _train(name, "torch", shapes, dtype, spec=spec)
     quantized = 0
     for shape, a, b in zip(shapes, mlir_params, torch_params):
@@ -214,7 +201,7 @@ def _values(state_value) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["adamw", "adamw4bit", "adamw8bit", "sgdm4bit"])
 def test_updates_in_place(name, monkeypatch):
-    counter = CallCounter(monkeypatch)
+    counter = Launches(monkeypatch, mlir_jit)
     params, grads = _inputs([(67, 131)], torch.float32, steps=3)
     param = params[0]
     view = param.detach().view(-1)  # shares the storage: sees an in-place update, not a rebound .data
@@ -232,7 +219,7 @@ def test_updates_in_place(name, monkeypatch):
         for key, old in snapshot.items():
             assert not torch.equal(old, _values(opt.state[param][key])), f"{key} was not updated"
     assert not torch.equal(view, before)
-    assert counter.calls
+    assert counter.launches
 
 
 def test_threads_give_the_same_result_as_one_thread(monkeypatch):
@@ -245,9 +232,9 @@ def test_threads_give_the_same_result_as_one_thread(monkeypatch):
         for count in (1, 4):
             torch.set_num_threads(count)  # the knob: mlir_jit splits over torch.get_num_threads() threads
             for name in ("adamw", "adamw4bit", "adamw8bit", "sgdm4bit"):
-                counter = CallCounter(monkeypatch)
+                counter = Launches(monkeypatch, mlir_jit)
                 params, opt = _train(name, "mlir", [shape], torch.float32, steps=2)
-                assert {split for _, _, split in counter.calls} == {count}, f"{name}: not split in {count}"
+                assert {split for _, split in counter.launches} == {count}, f"{name}: not split in {count}"
                 results[(name, count)] = (params[0].detach().clone(), opt.state[params[0]])
     finally:
         torch.set_num_threads(threads)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from same_result import assert_same_result  # tests/ is on sys.path
+from mlir_launches import Launches  # tests/ is on sys.path
+from same_result import assert_same_result
 
 import optgen
 from optgen.codegen.emit_mlir import mlir_modules
@@ -68,20 +69,6 @@ def all_reductions(tmp_path):
     return optgen.load(str(path))
 
 
-class Calls:
-    """Records the MLIR launches of these plans: (count, pieces) each."""
-
-    def __init__(self, monkeypatch):
-        self.launches: list[tuple[int, int]] = []
-        original = mlir_steps.launch
-
-        def counted(team, count, args, split=1):
-            self.launches.append((count, split))
-            original(team, count, args, split)
-
-        monkeypatch.setattr(mlir_steps, "launch", counted)
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, b = actual.detach().double(), expected.detach().double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
@@ -103,7 +90,7 @@ def run(cls, backend: str, shape, dtype=torch.float32, steps: int = 3, grads=Non
 
 
 def assert_matches_torch(cls, shape, monkeypatch, dtype=torch.float32, **hyper):
-    calls = Calls(monkeypatch)
+    calls = Launches(monkeypatch, mlir_steps)
     p_mlir, s_mlir = run(cls, "mlir", shape, dtype, **hyper)
     assert calls.launches, "the MLIR kernels never ran"
     p_torch, s_torch = run(cls, "torch", shape, dtype, **hyper)
@@ -239,7 +226,7 @@ def test_threads_give_the_same_result_as_one_thread(all_reductions, monkeypatch)
         for count in (1, 2):
             torch.set_num_threads(count)  # the knob: the launches split over torch.get_num_threads() threads
             for name, cls in (("factor4bit", optgen.load("factor4bit")), ("allreductions", all_reductions)):
-                calls = Calls(monkeypatch)
+                calls = Launches(monkeypatch, mlir_steps)
                 results[(name, count)] = run(cls, "mlir", shape, steps=2)
                 splits = {split for _, split in calls.launches}
                 assert max(splits) == count, f"{name}: launches split in {sorted(splits)}, not {count}"
@@ -250,7 +237,7 @@ def test_threads_give_the_same_result_as_one_thread(all_reductions, monkeypatch)
 
 
 def test_updates_in_place_and_auto_picks_mlir(monkeypatch):
-    calls = Calls(monkeypatch)
+    calls = Launches(monkeypatch, mlir_steps)
     param = torch.nn.Parameter(torch.randn(129, 257))
     view = param.detach().view(-1)  # shares the storage: sees an in-place update, not a rebound .data
     before = view.clone()
@@ -270,7 +257,7 @@ def test_updates_in_place_and_auto_picks_mlir(monkeypatch):
 
 
 def test_state_of_the_wrong_size_is_not_handed_to_the_kernels(monkeypatch):
-    calls = Calls(monkeypatch)
+    calls = Launches(monkeypatch, mlir_steps)
     param = torch.nn.Parameter(torch.randn(129, 257))
     opt = optgen.load("factor4bit")([param])
     param.grad = torch.randn(129, 257)
@@ -309,7 +296,7 @@ def test_declined_plans_say_why_and_run_on_torch(source, reason, tmp_path, monke
         path.write_text(source)
     modules = mlir_modules(make_plan(load_spec(path)))
     assert list(modules) == ["unsupported"] and reason in modules["unsupported"]
-    calls = Calls(monkeypatch)
+    calls = Launches(monkeypatch, mlir_steps)
     param = torch.nn.Parameter(torch.randn(40, 70))
     opt = optgen.load(str(path))([param])
     param.grad = torch.randn(40, 70)

@@ -308,13 +308,12 @@ class Kernels:
         split = pieces(count, block)
         fixed = [numel, cols]
         new: dict[str, tuple] = {}  # rank-1 / per-tensor targets: (scales to store, kernel scale tensors)
-        alive = []  # tensors the descriptors point into, held until the calls are done
-        olds: dict[str, tuple] = {}
+        olds: dict[str, tuple] = {}  # per key, the kernel scales made from the stored ones (held: launches read them)
         for stage in self.stages:
             values = [float(scalars[n]) for n in stage.scalars]
             args = []
             for key in stage.tensors:
-                args += self._bundle(key, tensors[key], shape, new.get(key), alive, olds)
+                args += self._bundle(key, tensors[key], shape, new.get(key), olds)
             if stage.op == "stats":
                 target: QuantizedState = tensors[stage.target]
                 normalize, _ = target.scheme.layout(shape)
@@ -336,9 +335,10 @@ class Kernels:
                 warn_if_not_finite(target, shape)
 
     @staticmethod
-    def _bundle(key: str, value, shape: tuple, new: tuple | None, alive: list, olds: dict) -> list[tuple[int, int]]:
+    def _bundle(key: str, value, shape: tuple, new: tuple | None, olds: dict) -> list[tuple[int, int]]:
         """The memref arguments of one tensor: itself, or a quantized state's codes and scales.
-        ``olds``: the kernel scales made from the stored ones, per key, made once per step."""
+        ``olds``: the kernel scales made from the stored ones, per key, made once per step and held
+        by the caller until its launches are done (``new``'s too)."""
         if not isinstance(value, QuantizedState):
             return [memref(value)]
         normalize, _ = value.scheme.layout(shape)
@@ -349,7 +349,6 @@ class Kernels:
             olds[key] = _kernel_scales(list(value.scales.split(list(shape))), shape) if rank1 else (value.scales,)
         old = olds[key]
         fresh = new[1] if new is not None else old
-        alive += [*old, *fresh]
         return [memref(value.codes), *(memref(t) for t in old), *(memref(t) for t in fresh)]
 
 

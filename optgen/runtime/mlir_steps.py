@@ -126,10 +126,10 @@ class StepKernels(Kernels):
         """A launch over super-blocks of the flat tensor (block-wise quantized state)."""
         numel = math.prod(shape)
         cols = shape[-1] if shape else 1
-        alive: list = []
+        olds: dict = {}  # held until the launch is done
         args = []
         for key in step.tensors:
-            args += self._bundle(key, tensors[key], shape, None, alive, {})
+            args += self._bundle(key, tensors[key], shape, None, olds)
         count = -(-numel // self.superblock)
         launch(team, count, [numel, cols, matrix, *args, *values], pieces(count, self.superblock))
         for key in step.writes:
