@@ -25,6 +25,7 @@ from optgen.cli import main
 from optgen.codegen.emit_mlir import emit_mlir
 from optgen.codegen.mlir_team import team_function
 from optgen.codegen.plan import make_plan
+from optgen.codegen.quant import midpoints
 from optgen.codegen.spec import builtin_specs, load_spec
 from optgen.runtime import mlir_jit
 from optgen.runtime.state import QuantizedState
@@ -379,32 +380,57 @@ def test_step_cpu_benchmark_writes_its_table(tmp_path):
 
 
 # -- arithmetic code tables --------------------------------------------------------------------------
-LINEAR_NOZERO_SPEC = """optgen: 1
-name: store_abs_grad
-class: StoreAbsGrad
-summary: keeps |grad| in {bits}-bit linear_nozero codes (an encoder test)
+ENCODER_SPEC = """optgen: 1
+name: store_grad
+class: StoreGrad
+summary: keeps {stored} in {bits}-bit {table} codes (an encoder test)
 hyper:
   lr: {{default: 1.0e-3}}
 state:
-  q: {{init: 0, store: {{bits: {bits}, signed: false, normalize: {{block: 128}}, table: linear_nozero}}}}
+  q: {{init: 0, store: {{bits: {bits}, signed: {signed}, normalize: {{block: 128}}, table: {table}}}}}
 keep_full_precision: {{numel_at_most: 0}}
 update:
-  - q = abs(grad)
+  - q = {stored}
   - param = param - lr * q
 """
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_linear_nozero_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits):
-    # linear_nozero decodes and encodes arithmetically (first + code * step, a power of two): check
-    # it against the count of midpoints below x exactly at each midpoint, one float32 ulp either
-    # side, at the table's entries, for zero and a subnormal; a NaN block gives the torch kernels' codes.
-    path = tmp_path / "store_abs_grad.yaml"
-    path.write_text(LINEAR_NOZERO_SPEC.format(bits=bits))
-    table = torch.tensor(load_spec(path).state[0].store.quant.values, dtype=torch.float32)
-    mids = (table[1:].double() + table[:-1].double()).div(2).float()
-    probes = torch.cat([mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(2.0)), table])
-    probes = torch.cat([probes, torch.tensor([0.0, 1e-40])])
+@pytest.mark.parametrize(
+    "bits, table, signed",
+    [
+        (4, "linear_nozero", False),  # arithmetic decode and encode (first + code * step, a power of two)
+        (8, "linear_nozero", False),
+        (4, "dynamic_exponent", True),  # a select tree
+        (8, "dynamic_exponent", True),  # buckets of float32 keys (emit_mlir._bucket_encode)
+        (8, "dynamic_exponent", False),
+        (8, "linear", True),
+    ],
+)
+def test_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits, table, signed):
+    # Every encoder against the count of float32 midpoints below x: exactly at each midpoint, one
+    # float32 ulp either side, at the table's entries, at zeros and subnormals, and at random values
+    # of every magnitude; a NaN block gives the torch kernels' codes.
+    path = tmp_path / "store_grad.yaml"
+    stored = "grad" if signed else "abs(grad)"
+    path.write_text(ENCODER_SPEC.format(bits=bits, table=table, signed=str(signed).lower(), stored=stored))
+    values = load_spec(path).state[0].store.quant.values
+    entries = torch.tensor(values, dtype=torch.float32)
+    mids = torch.tensor(midpoints(values), dtype=torch.float32)  # as the generator rounds them
+    gen = torch.Generator().manual_seed(0)
+    magnitudes = torch.cat([torch.rand(2000, generator=gen), 10 ** (-12 * torch.rand(2000, generator=gen))])
+    probes = torch.cat(
+        [
+            mids,
+            mids.nextafter(torch.tensor(-2.0)),
+            mids.nextafter(torch.tensor(2.0)),
+            entries,
+            torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1.0, -1.0]),
+            magnitudes,
+            -magnitudes,
+        ]
+    )
+    if not signed:
+        probes = probes[probes >= 0]
     blocks = -(-probes.numel() // 127)
     grad = torch.zeros(blocks + 1, 128)
     grad[:, 0] = 1.0  # every block's absmax is 1: x is the probe itself
