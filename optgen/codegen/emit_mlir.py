@@ -489,15 +489,17 @@ def _doc(stage: Stage) -> list[str]:
 
 
 def _table_global(scheme: QuantScheme, what: str, globals_: dict) -> str:
-    """A constant table of the scheme: "table" (its values), "midpoints" (padded for the bucket search)
+    """A constant table of the scheme: "table" (its values), "midpoints" (the bucket search's probes)
     or "buckets" (each bucket's count of midpoints below it, i32)."""
     name = f"@{what}_{scheme.name.replace('-', '_')}"
-    if name not in globals_ and what == "buckets":
+    if name in globals_:
+        return name
+    if what == "buckets":
         firsts = _buckets(scheme)[0]
         raw = b"".join(struct.pack("<i", f) for f in firsts).hex().upper()  # MLIR's hex form: raw bytes
         globals_[name] = f'memref.global "private" constant {name} : memref<{len(firsts)}xi32> = dense<"0x{raw}">'
-    elif name not in globals_:
-        values = scheme.values if what == "table" else [*midpoints(scheme.values), *[math.inf] * _buckets(scheme)[1]]
+    else:
+        values = scheme.values if what == "table" else _bucket_probes(scheme)
         dense = ", ".join(f32_literal(v) for v in values)
         globals_[name] = f'memref.global "private" constant {name} : memref<{len(values)}xf32> = dense<[{dense}]>'
     return name
@@ -844,7 +846,7 @@ def _bucket_encode(body: Body, ind: int, scheme: QuantScheme, x: str, globals_: 
     firsts, most = _buckets(scheme)
     counts = _table_global(scheme, "buckets", globals_)
     mids = _table_global(scheme, "midpoints", globals_)
-    n_mids = len(midpoints(scheme.values)) + most
+    n_mids = len(_bucket_probes(scheme))
     bits = body.op(f"arith.bitcast {x} : f32 to i32", ind)
     negative = body.op(f"arith.cmpi slt, {bits}, {body.const('0', 'i32')} : i32", ind)
     # negative floats: all bits flipped (larger magnitude, smaller key); others: the sign bit set
@@ -889,6 +891,11 @@ def _buckets(scheme: QuantScheme) -> tuple[tuple[int, ...], int]:
         firsts.append(first)
         most = max(most, last - first)
     return tuple(firsts), most
+
+
+def _bucket_probes(scheme: QuantScheme) -> list[float]:
+    """The midpoints, then +inf for each comparison the last bucket's count may be followed by."""
+    return [*midpoints(scheme.values), *[math.inf] * _buckets(scheme)[1]]
 
 
 def _float_of_key(key: int) -> float:
