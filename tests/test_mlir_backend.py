@@ -243,6 +243,25 @@ def test_threads_give_the_same_result_as_one_thread(monkeypatch):
         assert_same_result(name, results[(name, 1)], results[(name, 4)])
 
 
+def test_each_thread_reduces_into_its_own_cache_lines(monkeypatch):
+    # rank-1 statistics: one row of row / column maxima per piece; a row sharing a cache line with its
+    # neighbour made the threads stall each other at every matrix row (1000 columns: 2 threads 1.25x)
+    shape = (300, 457)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        counter = Launches(monkeypatch, mlir_jit)
+        _train("adamw4bit", "mlir", [shape], torch.float32, steps=1)
+    finally:
+        torch.set_num_threads(threads)
+    split, stats = counter.launches[0][1], counter.arguments[0]  # the stats stage runs first
+    rows, cols = [arg for arg in stats if isinstance(arg, tuple)][-2:]  # its outputs: after the inputs
+    assert split == 4
+    for address, length in (rows, cols):
+        assert address % 64 == 0 and length * 4 % 64 == 0, "a piece's maxima do not start a cache line"
+    assert rows[1] >= shape[0] and cols[1] >= shape[1]
+
+
 # A kernel of each kind a team entry serves: over [lo, hi) with whole memrefs and one output per
 # piece (``first``), and element-wise over slices of its memrefs.
 TEAM_PROBE = """

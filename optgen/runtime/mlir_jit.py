@@ -320,10 +320,13 @@ class Kernels:
                 if normalize == "block":
                     continue  # block-wise: the write stage reduces each block itself
                 sizes = (numel // cols, cols) if normalize == "rank1" else (1,)
-                maxima = [torch.zeros(split, n) for n in sizes]  # one row per piece
-                outputs = [(m.data_ptr(), n) for m, n in zip(maxima, sizes)]  # the length of one piece's
+                # one row per piece, each on cache lines of its own: threads sharing a line at the seams
+                # stalled each other on every matrix row (1000x1000 stats on 2 threads: 1.25x -> 1.8x one's speed)
+                maxima = [torch.zeros(split, _whole_lines(n)) for n in sizes]
+                outputs = [(m.data_ptr(), m.shape[1]) for m in maxima]  # the length of one piece's
                 launch(functions[f"{stage.name}_team"], count, [*fixed, *args, *outputs, *values], split)
-                new[stage.target] = _new_scales([m.amax(dim=0) for m in maxima], shape, normalize)  # keeps NaN
+                merged = [m[:, :n].amax(dim=0) for m, n in zip(maxima, sizes)]
+                new[stage.target] = _new_scales(merged, shape, normalize)  # amax keeps NaN
                 continue
             launch(functions[f"{stage.name}_team"], count, [*fixed, *args, *values], split)
             for key in stage.writes:
@@ -381,6 +384,11 @@ def warn_if_not_finite(target: QuantizedState, shape: tuple) -> None:
             RuntimeWarning,
             stacklevel=5,
         )
+
+
+def _whole_lines(n: int) -> int:
+    """``n`` float32 entries rounded up to whole 64-byte cache lines."""
+    return -(-n // 16) * 16
 
 
 def _kernel_scales(maxima: list[torch.Tensor], shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
