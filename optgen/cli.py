@@ -66,7 +66,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
                 print(
                     text
                     if variant == "unsupported"
-                    else f"// {sub.name}, variant {variant} (param dtype-layout)\n{text}"
+                    else f"// {sub.name}, variant {variant} (param dtype-layout[-instruction set])\n{text}"
                 )
         else:
             print(emit_torch(plan, header(sub)) if args.torch else plan.render())

@@ -153,6 +153,36 @@ def test_routed_fallback_specs_match_torch(name, monkeypatch):
         _compare(name, dtype, [(1,), (129,), (4097,), (5000,)], monkeypatch)
 
 
+LOOKUP_SPECS = ["adamw4bit", "adamw4bit_block", "sgdm4bit"]  # 4-bit tables decoded by lookup
+
+
+@pytest.mark.skipif(mlir_jit.host_isa() != "avx512", reason="this CPU runs the portable variants only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_avx512_variants_give_the_portable_bits(dtype, monkeypatch):
+    # the vpermps decode runs on whole super-blocks only: shapes with and without a partial last one
+    shapes = [(4097,), (67, 131), (3, 5, 301), (256, 384)]
+    ran = []
+    original = mlir_jit.Kernels.functions
+    monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
+    for name in LOOKUP_SPECS:
+        ran.clear()
+        fast_params, fast_opt = _train(name, "mlir", shapes, dtype)
+        assert any(v.endswith("-avx512") for v in ran), f"{name}: {set(ran)}"
+        with monkeypatch.context() as patch:
+            patch.setattr(mlir_jit, "host_isa", lambda: "portable")
+            ran.clear()
+            params, opt = _train(name, "mlir", shapes, dtype)
+            assert ran and not any(v.endswith("-avx512") for v in ran)
+        for a, b in zip(fast_params, params):
+            assert torch.equal(a, b), f"{name} {tuple(a.shape)}: params differ"
+            for key, value in opt.state[b].items():
+                fast = fast_opt.state[a][key]
+                if isinstance(value, QuantizedState):
+                    assert torch.equal(fast.codes, value.codes) and torch.equal(fast.scales, value.scales), key
+                elif isinstance(value, torch.Tensor):
+                    assert torch.equal(fast, value), key
+
+
 def test_bf16_store_rounds_to_nearest_even():
     # param - lr * grad lands exactly between two bf16 numbers: ties go to the even mantissa
     param = torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=torch.bfloat16, requires_grad=True)
@@ -368,10 +398,12 @@ def test_show_mlir_prints_the_modules(capsys):
     assert main(["show", "adamw4bit", "--mlir"]) == 0
     out = capsys.readouterr().out
     for variant in ("float32-nd", "float32-flat", "bfloat16-nd", "bfloat16-flat"):
-        assert f"// adamw4bit, variant {variant}" in out
+        assert f"// adamw4bit, variant {variant} (" in out
+        assert f"// adamw4bit, variant {variant}-avx512 (" in out  # m's table looked up by vpermps
     assert (
-        out.count("func.func @map_1(") == 4
-        and out.count("func.func @map_1_team(") == 4
+        out.count("func.func @map_1(") == 8
+        and out.count("func.func @map_1_team(") == 8
+        and out.count("llvm.x86.avx512.permvar.sf.512") == 4
         and "arith.truncf" in out
         and "memref<?xi8>" in out
     )

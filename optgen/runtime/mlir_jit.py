@@ -37,7 +37,7 @@ PIPELINE = (
     "builtin.module("
     "arith-expand{include-bf16=true},"
     "func.func(convert-linalg-to-loops),"
-    "convert-scf-to-cf,convert-cf-to-llvm,convert-math-to-llvm,arith-expand{include-bf16=true},convert-arith-to-llvm,"
+    "convert-scf-to-cf,convert-cf-to-llvm,convert-vector-to-llvm,convert-math-to-llvm,arith-expand{include-bf16=true},convert-arith-to-llvm,"
     "expand-strided-metadata,finalize-memref-to-llvm,convert-func-to-llvm,convert-index-to-llvm,"
     "reconcile-unrealized-casts)"
 )
@@ -283,7 +283,9 @@ class Kernels:
             elif not isinstance(value, torch.Tensor) or not value.is_contiguous() or value.device.type != "cpu":
                 return None
         layout = ("nd" if param.ndim >= 2 else "flat") if self.rank1 else "any"
-        return f"{dtype}-{layout}"
+        name = f"{dtype}-{layout}"
+        fast = f"{name}-{host_isa()}"
+        return fast if fast in self.sources else name
 
     def run(self, variant: str, param: torch.Tensor, grad: torch.Tensor, state: dict, scalars: dict) -> None:
         functions = self.functions(variant)
@@ -353,6 +355,13 @@ class Kernels:
         old = olds[key]
         fresh = new[1] if new is not None else old
         return [memref(value.codes), *(memref(t) for t in old), *(memref(t) for t in fresh)]
+
+
+@functools.cache
+def host_isa() -> str:
+    """The instruction set of the variants this CPU runs besides the portable ones: "avx512" where
+    torch finds AVX-512 (the JIT compiles for the host CPU), else "portable"."""
+    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "portable"
 
 
 def kernel_dtype(param: torch.Tensor, grad: torch.Tensor) -> str | None:
