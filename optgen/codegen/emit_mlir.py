@@ -779,8 +779,7 @@ def _pack(body: Body, ind: int, key: str, buf: str, pairs: str, first_byte: str,
 def _unpack_lookup(body: Body, ind: int, key: str, buf: str, first_byte: str, L: int, scheme: QuantScheme) -> None:
     """The super-block's table values (not yet scaled) into ``buf``, 16 per iteration: 8 bytes split
     into nibbles, interleaved (low nibble = even element), looked up by AVX-512's vpermps."""
-    values = list(scheme.values) + [scheme.values[-1]] * (16 - len(scheme.values))
-    table = body.const(f"dense<[{', '.join(f32_literal(v) for v in values)}]>", "vector<16xf32>")
+    table = body.const(f"dense<[{', '.join(f32_literal(v) for v in _table16(scheme))}]>", "vector<16xf32>")
     body.raw(f"scf.for %q = %c_0 to {body.index(L // 2)} step {body.index(8)} {{", ind)
     k = ind + 1
     at = body.op(f"arith.addi {first_byte}, %q : index", k)
@@ -800,10 +799,11 @@ def _unpack_lookup(body: Body, ind: int, key: str, buf: str, first_byte: str, L:
     body.raw("}", ind)
 
 
-def _dequantize(body, ind, key, scheme, layout, where, unpacked, L, globals_, decoded=None) -> str:
-    """The element's value: its table entry (from ``decoded``, the looked-up buffer, when given) times its scale."""
-    if decoded is not None:
-        entry = body.op(f"memref.load {decoded}[{where['i']}] : memref<{L}xf32>", ind)
+def _dequantize(body, ind, key, scheme, layout, where, unpacked, L, globals_, looked_up=None) -> str:
+    """The element's value: its table entry (from ``looked_up``, the super-block's buffer of table
+    values, when given) times its scale."""
+    if looked_up is not None:
+        entry = body.op(f"memref.load {looked_up}[{where['i']}] : memref<{L}xf32>", ind)
     else:
         if unpacked is not None:
             code = body.op(f"memref.load {unpacked}[{where['i']}] : memref<{L}xi8>", ind)
@@ -817,21 +817,18 @@ def _dequantize(body, ind, key, scheme, layout, where, unpacked, L, globals_, de
 def _table_entry(body: Body, ind: int, scheme: QuantScheme, code: str, globals_: dict) -> str:
     """The table value of an i8 code: for 4-bit tables a tree of selects on the code's bits (constants,
     so the element loop vectorizes without gathers); for larger tables a load."""
-    values = list(scheme.values)
     step = _power_of_two_step(scheme)
     if step is not None:  # first + code * step, exactly the table's float32 entry
         first, d = step
         index = body.op(f"arith.uitofp {code} : i8 to f32", ind)
         offset = body.op(f"arith.addf {index}, {body.f32(first / d)} : f32", ind)
         return body.op(f"arith.mulf {offset}, {body.f32(d)} : f32", ind)
-    if len(values) > 16:
-        table = body.op(
-            f"memref.get_global {_table_global(scheme, 'table', globals_)} : memref<{len(values)}xf32>", ind
-        )
+    size = len(scheme.values)
+    if size > 16:
+        table = body.op(f"memref.get_global {_table_global(scheme, 'table', globals_)} : memref<{size}xf32>", ind)
         index = body.op(f"arith.index_castui {code} : i8 to index", ind)
-        return body.op(f"memref.load {table}[{index}] : memref<{len(values)}xf32>", ind)
-    values += [values[-1]] * (16 - len(values))
-    level = [body.f32(v) for v in values]
+        return body.op(f"memref.load {table}[{index}] : memref<{size}xf32>", ind)
+    level = [body.f32(v) for v in _table16(scheme)]
     for bit in range(4):
         mask = body.op(f"arith.andi {code}, {body.const(str(1 << bit), 'i8')} : i8", ind)
         is_set = body.op(f"arith.cmpi ne, {mask}, {body.const('0', 'i8')} : i8", ind)
@@ -839,6 +836,11 @@ def _table_entry(body: Body, ind: int, scheme: QuantScheme, code: str, globals_:
             body.op(f"arith.select {is_set}, {high}, {low} : f32", ind) for low, high in zip(level[::2], level[1::2])
         ]
     return level[0]
+
+
+def _table16(scheme: QuantScheme) -> list[float]:
+    """A table of at most 16 entries padded to 16 with its last (codes past the table never occur)."""
+    return [*scheme.values, *[scheme.values[-1]] * (16 - len(scheme.values))]
 
 
 def _element_scale(body: Body, ind: int, key: str, layout: tuple, where: dict, new: bool) -> str:
