@@ -153,6 +153,35 @@ def test_routed_fallback_specs_match_torch(name, monkeypatch):
         _compare(name, dtype, [(1,), (129,), (4097,), (5000,)], monkeypatch)
 
 
+MIXED_BLOCKS_SPEC = """optgen: 1
+name: adam_mixed_blocks
+class: AdamMixedBlocks
+summary: Adam with m in 4-bit blocks of 64 and v in 8-bit blocks of 256 (super-blocks of 256, sub-blocks of 64)
+hyper:
+  lr: {default: 1.0e-3, in: "[0, inf)"}
+  betas: {default: [0.9, 0.999], in: "[0, 1)"}
+  eps: {default: 1.0e-8, in: "[0, inf)"}
+state:
+  m: {init: 0, store: {bits: 4, signed: true, normalize: {block: 64}, table: dynamic_exponent}}
+  v: {init: 0, store: {bits: 8, signed: false, normalize: {block: 256}, table: linear_nozero}}
+keep_full_precision: {numel_at_most: 0}
+update:
+  - m = beta1 * m + (1 - beta1) * grad
+  - v = beta2 * v + (1 - beta2) * grad**2
+  - param = param - lr / (1 - beta1**step) * m / (sqrt(v / (1 - beta2**step)) + eps)
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_blocks_of_several_sizes_match_torch(tmp_path, dtype, monkeypatch):
+    # the element loop walks sub-blocks of the blocks' gcd (a scale indexed per element did not vectorize)
+    path = tmp_path / "adam_mixed_blocks.yaml"
+    path.write_text(MIXED_BLOCKS_SPEC)
+    module = emit_mlir(make_plan(load_spec(path)), str(path))
+    assert "scf.for %g = %c_0 to %L step" in module, "no sub-block loop in the whole super-blocks"
+    _compare("adam_mixed_blocks", dtype, [*ODD_SHAPES, (300, 257)], monkeypatch, spec=str(path))
+
+
 LOOKUP_SPECS = ["adamw4bit", "adamw4bit_block", "sgdm4bit"]  # 4-bit tables decoded by lookup
 
 

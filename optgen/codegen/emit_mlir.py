@@ -575,17 +575,22 @@ def _quantized_stage(
             else:
                 _unpack(body, i, k, buf, pairs, first_byte, L)
         program.gather(body, i, gathered, start, end, L)
+        # rank-1 scales: row segments (below); blocks of several sizes (L their lcm): the element loop
+        # walks sub-blocks of their gcd, each inside one block of every state, so each block's scale is
+        # loaded once per sub-block (a scale indexed per element kept LLVM from vectorizing: 6x slower)
+        segments = norm == "rank1"
+        sizes = [quant[k][1] for k in quant if quant[k][0] == "block"]
+        sub = math.gcd(*sizes) if sizes and not segments and math.gcd(*sizes) < L else None
         # a block-wise input with one block per super-block: its scale is loaded once, before the loops
         block_scales = {
             k: body.op(f"memref.load %{k}_scales[{body.op(f'arith.divui {start}, %L : index', i)}] : memref<?xf32>", i)
             for k in quant
-            if k in reads and quant[k] == ("block", L)
+            if k in reads and quant[k] == ("block", L) and not sub
         }
 
         # rank-1 scales: row segments [max(start, r * cols), min(end, (r + 1) * cols)) of the super-block, so
         # the row scale is fixed and column scales are contiguous (no integer division per element).  A stats
         # stage reduces over the segments directly; a write stage first fills per-element scale buffers.
-        segments = norm == "rank1"
         if scale_bufs or segments:
             first_row = body.op(f"arith.divui {start}, %cols : index", i)
             last_row = body.op(f"arith.divui {body.op(f'arith.subi {end}, %c_1 : index', i)}, %cols : index", i)
@@ -615,19 +620,37 @@ def _quantized_stage(
                 body.raw(f"memref.store {smaller}, {buf}[%i] : memref<{L}xf32>", i + 2)
             body.raw("}", i + 1)
             body.raw("}", i)
+        # a block-wise store with one block per super-block: its absmax is reduced by the element loop
+        fused = [] if segments else [k for k in buffers if quant[k] == ("block", L)]
         if segments:
             outer = i + 1
+        elif sub:
+            carried = f"%absmax{body.count}"
+            body.count += 1
+            inits = ", ".join(f"%sub_amax_{k} = {body.f32(0.0)}" for k in fused)
+            results = f"{carried}:{len(fused)} = " if fused else ""
+            types = f" iter_args({inits}) -> ({', '.join(['f32'] * len(fused))})" if fused else ""
+            body.raw(f"{results}scf.for %g = %c_0 to {length} step {body.index(sub)}{types} {{", i)
+            outer = i + 1
+            lo = "%g"
+            hi = body.op(
+                f"arith.minui {body.op(f'arith.addi %g, {body.index(sub)} : index', outer)}, {length} : index", outer
+            )
+            first = body.op(f"arith.addi {start}, %g : index", outer)
+            inputs = [k for k in quant if k in reads and quant[k][0] == "block"]
+            blocks = {k: body.op(f"arith.divui {first}, {body.index(quant[k][1])} : index", outer) for k in inputs}
+            block_scales = {
+                k: body.op(f"memref.load %{k}_scales[{at}] : memref<?xf32>", outer) for k, at in blocks.items()
+            }
         else:
             lo, hi, outer = "%c_0", length, i
         j = outer + 1
-        # a block-wise store with one block per super-block: its absmax is reduced by the element loop
-        fused = [] if segments else [k for k in buffers if quant[k] == ("block", L)]
         if segments:
             loop = body.op(f"scf.for %i = {lo} to {hi} step %c_1 iter_args(%acc = {body.f32(0.0)}) -> (f32) {{", outer)
         elif fused:
             loop = f"%absmax{body.count}"
             body.count += 1
-            inits = ", ".join(f"%amax_{k} = {body.f32(0.0)}" for k in fused)
+            inits = ", ".join(f"%amax_{k} = {f'%sub_amax_{k}' if sub else body.f32(0.0)}" for k in fused)
             body.raw(
                 f"{loop}:{len(fused)} = scf.for %i = {lo} to {hi} step %c_1 iter_args({inits}) -> "
                 f"({', '.join(['f32'] * len(fused))}) {{",
@@ -688,6 +711,12 @@ def _quantized_stage(
             ]
             body.raw(f"scf.yield {', '.join(larger)} : {', '.join(['f32'] * len(fused))}", j)
         body.raw("}", outer)
+        if sub:
+            if fused:
+                results = ", ".join(f"{loop}#{n}" for n in range(len(fused)))
+                body.raw(f"scf.yield {results} : {', '.join(['f32'] * len(fused))}", outer)
+                loop = carried
+            body.raw("}", i)
         if segments:
             old = body.op("memref.load %max_rows[%r] : memref<?xf32>", outer)
             body.raw(
