@@ -948,9 +948,11 @@ def _bucket_encode(body: Body, ind: int, scheme: QuantScheme, x: str, globals_: 
     probes = body.op(f"memref.get_global {mids} : memref<{n_mids}xf32>", ind)
     code = first
     for j in range(most):
+        # a signed cast (the index is small): x86 gathers then take 32-bit indices, one instruction
+        # per 16 lanes instead of two (adamw8bit's step ~10% faster)
         at = body.op(f"arith.addi {first}, {body.const(str(j), 'i32')} : i32", ind)
         mid = body.op(
-            f"memref.load {probes}[{body.op(f'arith.index_castui {at} : i32 to index', ind)}] : memref<{n_mids}xf32>",
+            f"memref.load {probes}[{body.op(f'arith.index_cast {at} : i32 to index', ind)}] : memref<{n_mids}xf32>",
             ind,
         )
         below = body.op(f"arith.cmpf olt, {mid}, {x} : f32", ind)
