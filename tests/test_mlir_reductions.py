@@ -128,6 +128,19 @@ def test_sinkgd_matches_torch(shape, monkeypatch):
 
 
 # (129, 257) and (70, 4100): m is 4-bit (more than keep_full_precision elements); smaller: float32
+def test_sinkgd_rounds_go_through_memory_past_max_recomputed():
+    # each round's reduction recomputed every earlier round from grad: a step quadratic in the rounds
+    from optgen.codegen.emit_mlir_steps import MAX_RECOMPUTED, _StepProgram
+    from optgen.codegen.expr import Kind
+
+    program = _StepProgram(make_plan(load_spec("sinkgd")))
+    assert Kind.FULL in program.buffers.values(), "no round is written to a full-size scratch buffer"
+    for step in program.steps:
+        rounds = [let for let in step.lets if str(let.symbol).startswith("x_")]  # x = grad is a rename
+        # a launch computes the rounds it stores itself, and at most MAX_RECOMPUTED more
+        assert len(rounds) <= MAX_RECOMPUTED + 1, f"{step.name} computes {len(rounds)} rounds"
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (1, 129), (127, 3), (129, 257), (70, 4100)], ids=str)
 def test_factor4bit_matches_torch(shape, monkeypatch):
     cls = optgen.load("factor4bit")

@@ -1,7 +1,8 @@
 """MLIR backend for plans with reductions and rows / cols / scalar values (Factor, SinkGD, ...).
 
 The plan is scheduled into launches exactly as for the Triton backend (``emit_triton.schedule``:
-element-wise work recomputed inside the reductions that read it, a rows+cols pair of reductions
+element-wise work recomputed inside the reductions that read it — at most ``MAX_RECOMPUTED`` lines
+per value, longer chains go through a scratch buffer —, a rows+cols pair of reductions
 over the same values in one pass, values that cross launches in float32 scratch buffers of their
 kind's size).  The parameter is viewed as (batch, R, C) with C = shape[-1] and R = shape[-2]; a rows
 value has one entry per row (numel / C), a cols value one per column of each matrix (batch * C),
@@ -62,6 +63,10 @@ STRIPE = 32  # rows per work unit of a full-size launch (and per float64 column 
 CHUNK = 4096  # entries per work unit of a rows / cols / scalar launch
 WIDTH = 256  # columns per chunk of a row whose values a rows / all reduction folds
 LANES = 4  # accumulators per rows / all reduction (their order is fixed: results do not depend on threads)
+# element-wise lines a launch recomputes for a value rather than read it back from a scratch buffer:
+# a CPU core divides slower than a GPU, and SinkGD's rounds, each recomputed from grad by every later
+# round's reduction, made its step quadratic in the rounds (10x1M, 1 thread: 80 -> 44 ms with 4; 1-8 tried)
+MAX_RECOMPUTED = 4
 _NEUTRAL = {"mean": "0.0", "sum": "0.0", "norm": "0.0", "amax": "0xFFF0000000000000", "amin": "0x7FF0000000000000"}
 _NEUTRAL32 = {"mean": "0.0", "sum": "0.0", "norm": "0.0", "amax": "0xFF800000", "amin": "0x7F800000"}
 _COMBINE = {"mean": "addf", "sum": "addf", "norm": "addf", "amax": "maximumf", "amin": "minimumf"}
@@ -129,7 +134,7 @@ class _StepProgram(_Program):
             raise Unsupported("two outputs share one value")
         if any(let.kind is Kind.HOST for stage in plan.stages for let in stage.lets):
             raise Unsupported("host values inside a stage")
-        steps = schedule(plan)
+        steps = schedule(plan, MAX_RECOMPUTED)
         if steps is None:
             raise Unsupported("a launch would read a state after it is overwritten")
         self.steps = steps

@@ -199,11 +199,12 @@ def _supported(plan: Plan) -> bool:
 
 
 # -- scheduling: plan stages -> launches ---------------------------------------------------------
-def schedule(plan: Plan) -> list[_Step] | None:
+def schedule(plan: Plan, max_recomputed: int | None = None) -> list[_Step] | None:
     """The plan's stages as launches: map stages split by kind (a rows value is computed once per
     row, not once per element), element-wise work recomputed where its consumers read it instead
-    of going through memory, and every stage's inputs and outputs wired.  None if a stage would
-    read a state after a previous launch overwrote it."""
+    of going through memory (at most ``max_recomputed`` element-wise lines per value, when given),
+    and every stage's inputs and outputs wired.  None if a stage would read a state after a
+    previous launch overwrote it."""
     steps: list[_Step] = []
     for stage in plan.stages:
         if stage.op == "map":
@@ -221,7 +222,7 @@ def schedule(plan: Plan) -> list[_Step] | None:
             steps.append(
                 _Step(stage.op, stage.name, list(stage.lets), Kind.FULL, outputs=stage.outputs, note=stage.note)
             )
-    steps = _pair_reductions(_recompute(steps, plan), plan)
+    steps = _pair_reductions(_recompute(steps, plan, max_recomputed), plan)
     _wire(steps, plan)
     owner = _owners(steps, plan)
     for j, step in enumerate(steps):
@@ -253,7 +254,7 @@ def _full_reads(symbols: set[sympy.Symbol], plan: Plan) -> set[sympy.Symbol]:
     return {s for s in symbols if plan.kinds.get(s) is Kind.FULL or str(s) in ("param", "grad")}
 
 
-def _recompute(steps: list[_Step], plan: Plan) -> list[_Step]:
+def _recompute(steps: list[_Step], plan: Plan, max_recomputed: int | None) -> list[_Step]:
     """Element-wise fusion across reductions (issue 6, item 2, for this backend).
 
     A full-size value computed by a map launch and read by later launches is not written to memory
@@ -263,7 +264,9 @@ def _recompute(steps: list[_Step], plan: Plan) -> list[_Step]:
     - any other value is recomputed by each later map or reduce launch that reads it (the row and
       column means of g² read g; SinkGD's rounds each read grad and the row/column norms), when that
       reads at most one full-size tensor the launch does not read already: no more traffic than
-      reading the value back, and its write is saved.  Smaller values are only renamed this way
+      reading the value back, and its write is saved; and, with ``max_recomputed``, when that takes
+      at most so many element-wise lines (a CPU computes SinkGD's tenth round faster from the fifth,
+      read back, than from grad).  Smaller values are only renamed this way
       (``c = r0``): computing them once per row, column or tensor is cheaper than per element.
     The moved lines are the plan's own, so the arithmetic is the same as the torch kernels'."""
     final = set(plan.outputs.values())
@@ -298,6 +301,11 @@ def _recompute(steps: list[_Step], plan: Plan) -> list[_Step]:
                     step.lets = [x for x in step.lets if x.symbol != symbol]
                 else:
                     if any(steps[j].op not in ("map", "stats", "reduce") for j in consumers):
+                        continue
+                    if (
+                        max_recomputed is not None
+                        and sum(not isinstance(x.expr, sympy.Symbol) for x in closure) > max_recomputed
+                    ):
                         continue
                     if any(len(_full_reads(inputs, plan) - _full_reads(_reads(steps[j]), plan)) > 1 for j in consumers):
                         continue
