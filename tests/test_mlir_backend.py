@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mlir_launches import Launches  # tests/ is on sys.path
 from same_result import assert_same_result
 
@@ -182,7 +183,7 @@ def test_blocks_of_several_sizes_match_torch(tmp_path, dtype, monkeypatch):
     _compare("adam_mixed_blocks", dtype, [*ODD_SHAPES, (300, 257)], monkeypatch, spec=str(path))
 
 
-LOOKUP_SPECS = ["adamw4bit", "adamw4bit_block", "sgdm4bit"]  # 4-bit tables decoded by lookup
+LOOKUP_SPECS = ["adamw4bit", "adamw4bit_block", "sgdm4bit", "adamw8bit"]  # tables decoded by lookup
 
 
 @pytest.mark.skipif(mlir_jit.host_isa() != "avx512", reason="this CPU runs the portable variants only")
@@ -210,6 +211,54 @@ def test_avx512_variants_give_the_portable_bits(dtype, monkeypatch):
                     assert torch.equal(fast.codes, value.codes) and torch.equal(fast.scales, value.scales), key
                 elif isinstance(value, torch.Tensor):
                     assert torch.equal(fast, value), key
+
+
+DECODE_SPEC = """optgen: 1
+name: add_state
+class: AddState
+summary: adds its {bits}-bit {table} state to the parameter (a decoder test)
+hyper:
+  lr: 1.0
+state:
+  q: {{init: 0, store: {{bits: {bits}, signed: {signed}, normalize: {{block: 256}}, table: {table}}}}}
+keep_full_precision: {{numel_at_most: 0}}
+update:
+  - q = q
+  - param = param + lr * q
+"""
+
+
+@pytest.mark.parametrize("bits, table, signed", [(4, "dynamic_exponent", True), (8, "dynamic_exponent", True)])
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
+def test_every_code_decodes_to_its_table_entry(tmp_path, bits, table, signed, isa, monkeypatch):
+    # each code of the table in every position of a block (whole and partial super-blocks), scale 1:
+    # the parameter becomes the table entry, as written in optgen.codegen.quant
+    if isa == "avx512" and mlir_jit.host_isa() != "avx512":
+        pytest.skip("this CPU runs the portable variants only")
+    monkeypatch.setattr(mlir_jit, "host_isa", lambda: isa)
+    path = tmp_path / "add_state.yaml"
+    path.write_text(DECODE_SPEC.format(bits=bits, table=table, signed=str(signed).lower()))
+    values = torch.tensor(load_spec(path).state[0].store.quant.values, dtype=torch.float32)
+    numel = 256 * 7 + 100
+    codes = (torch.arange(numel) * 3 + torch.arange(numel) // len(values)) % len(values)  # every code, shifted
+    param = torch.nn.Parameter(torch.zeros(numel))
+    param.grad = torch.zeros(numel)
+    opt = optgen.load(path)([param], backend="mlir")
+    opt.step()  # state made (all zero); then every code with scale 1
+    state = opt.state[param]["q"]
+    packed = codes.to(torch.uint8)
+    if bits == 4:
+        packed = F.pad(packed, (0, numel % 2)).view(-1, 2)
+        packed = packed[:, 0] | (packed[:, 1] << 4)
+    state.codes.copy_(packed)
+    state.scales.fill_(1.0)
+    param.data.zero_()
+    ran = []
+    original = mlir_jit.Kernels.functions
+    monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
+    opt.step()
+    assert ran and all(v.endswith("-avx512") == (isa == "avx512") for v in ran), ran
+    assert torch.equal(param.detach(), values[codes])
 
 
 def test_bf16_store_rounds_to_nearest_even():

@@ -152,10 +152,11 @@ class _Program:
         return out
 
     def lookup_keys(self, layout: str) -> list[str]:
-        """4-bit states whose table a whole super-block can decode with vector lookups (16 codes each)."""
+        """States whose table (4- or 8-bit, without arithmetic form) a whole super-block can decode
+        with vector lookups, 16 codes at a time."""
         if not self.quantized_keys or self.superblock(layout) % 16:
             return []
-        return [k for k, q in self.quantized_keys.items() if q.bits == 4 and _power_of_two_step(q) is None]
+        return [k for k, q in self.quantized_keys.items() if _power_of_two_step(q) is None]
 
     def storage_type(self, key: str, param_dtype: str) -> str:
         if key in _TENSORS:
@@ -574,6 +575,9 @@ def _quantized_stage(
                 _unpack_lookup(body, i, k, lookups[k], first_byte, L, schemes[k])
             else:
                 _unpack(body, i, k, buf, pairs, first_byte, L)
+        for k in lookups.keys() - unpacked.keys():
+            if whole:
+                _lookup_bytes(body, i, k, lookups[k], start, L, schemes[k])
         program.gather(body, i, gathered, start, end, L)
         # rank-1 scales: row segments (below); blocks of several sizes (L their lcm): the element loop
         # walks sub-blocks of their gcd, each inside one block of every state, so each block's scale is
@@ -733,7 +737,7 @@ def _quantized_stage(
 
     body.raw(f"%L = arith.constant {L} : index", 2)
     unpacked = {k: f"%unpacked_{k}" for k in quant if k in reads and schemes[k].bits == 4}
-    lookups = {k: f"%decoded_{k}" for k in program.lookup_keys(layout) if k in unpacked} if isa == "avx512" else {}
+    lookups = {k: f"%decoded_{k}" for k in program.lookup_keys(layout) if k in reads} if isa == "avx512" else {}
     buffers = {k: f"%buf_{k}" for k in writes if k in quant and quant[k][0] == "block"}
     packs = {k: f"%pack_{k}" for k in writes if k in quant and k not in buffers and schemes[k].bits == 4}
     for buf in [*unpacked.values(), *packs.values()]:
@@ -825,6 +829,39 @@ def _unpack_lookup(body: Body, ind: int, key: str, buf: str, first_byte: str, L:
     )
     even = body.op("arith.shli %q, %c_1 : index", k)
     body.raw(f"vector.store {looked_up}, {buf}[{even}] : memref<{L}xf32>, vector<16xf32>", k)
+    body.raw("}", ind)
+
+
+def _lookup_bytes(body: Body, ind: int, key: str, buf: str, start: str, L: int, scheme: QuantScheme) -> None:
+    """The super-block's 8-bit table values (not yet scaled) into ``buf``, 16 per iteration: each of
+    the eight 32-entry slices of the table looked up by the code's low 5 bits (vpermt2ps, two table
+    registers), then the slice picked by its top 3 bits — instead of a gather per 16 codes."""
+    values = [*scheme.values, *[scheme.values[-1]] * (256 - len(scheme.values))]
+    halves = [
+        body.const(f"dense<[{', '.join(f32_literal(v) for v in values[h * 16 : h * 16 + 16])}]>", "vector<16xf32>")
+        for h in range(16)
+    ]
+    body.raw(f"scf.for %q = %c_0 to {body.index(L)} step {body.index(16)} {{", ind)
+    k = ind + 1
+    at = body.op(f"arith.addi {start}, %q : index", k)
+    codes = body.op(f"vector.load %{key}_codes[{at}] : memref<?xi8>, vector<16xi8>", k)
+    index = body.op(f"arith.extui {codes} : vector<16xi8> to vector<16xi32>", k)
+    slices = [
+        body.op(
+            f'llvm.call_intrinsic "llvm.x86.avx512.vpermi2var.ps.512"({halves[2 * h]}, {index}, {halves[2 * h + 1]}) : '
+            "(vector<16xf32>, vector<16xi32>, vector<16xf32>) -> vector<16xf32>",
+            k,
+        )
+        for h in range(8)
+    ]
+    for bit in (32, 64, 128):
+        mask = body.op(f"arith.andi {index}, {body.const(f'dense<{bit}>', 'vector<16xi32>')} : vector<16xi32>", k)
+        is_set = body.op(f"arith.cmpi ne, {mask}, {body.const('dense<0>', 'vector<16xi32>')} : vector<16xi32>", k)
+        slices = [
+            body.op(f"arith.select {is_set}, {high}, {low} : vector<16xi1>, vector<16xf32>", k)
+            for low, high in zip(slices[::2], slices[1::2])
+        ]
+    body.raw(f"vector.store {slices[0]}, {buf}[%q] : memref<{L}xf32>, vector<16xf32>", k)
     body.raw("}", ind)
 
 
