@@ -154,6 +154,20 @@ def test_routed_fallback_specs_match_torch(name, monkeypatch):
         _compare(name, dtype, [(1,), (129,), (4097,), (5000,)], monkeypatch)
 
 
+@pytest.mark.parametrize("name", ["adamw4bit", "adamw8bit", "sgdm4bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_small_tensors_keep_float_state_on_the_mlir_kernels(name, dtype, monkeypatch):
+    # tensors of at most keep_full_precision elements hold float32 state: the "<dtype>-float" variant
+    ran = []
+    original = mlir_jit.Kernels.functions
+    monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
+    shapes = [(1,), (768,), (64, 64), (4096,)]
+    _compare(name, dtype, shapes, monkeypatch)
+    assert set(ran) == {f"{str(dtype).removeprefix('torch.')}-float"}, set(ran)
+    _, opt = _train(name, "mlir", shapes, dtype)
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for k, v in s.items() if k != "step")
+
+
 MIXED_BLOCKS_SPEC = """optgen: 1
 name: adam_mixed_blocks
 class: AdamMixedBlocks
@@ -478,9 +492,12 @@ def test_show_mlir_prints_the_modules(capsys):
     for variant in ("float32-nd", "float32-flat", "bfloat16-nd", "bfloat16-flat"):
         assert f"// adamw4bit, variant {variant} (" in out
         assert f"// adamw4bit, variant {variant}-avx512 (" in out  # m's table looked up by vpermps
+    for variant in ("float32-float", "bfloat16-float"):  # small tensors: state kept in float32
+        assert f"// adamw4bit, variant {variant} (" in out
     assert (
-        out.count("func.func @map_1(") == 8
-        and out.count("func.func @map_1_team(") == 8
+        out.count("func.func @map_1(") == 10
+        and out.count("func.func @map_1_team(") == 10
+        and out.count("func.func @stats_0(") == 4  # rank-1 scales: nd variants only
         and out.count("llvm.x86.avx512.permvar.sf.512") == 4
         and "arith.truncf" in out
         and "memref<?xi8>" in out

@@ -99,6 +99,7 @@ def needs_steps(plan: Plan) -> bool:
 @dataclass
 class _Program:
     plan: Plan
+    float_state: bool = False  # quantized stores kept in float32 (tensors of at most keep_full_precision)
     state_by_symbol: dict = field(init=False)
     quantized_keys: dict = field(init=False)  # saved_as -> QuantScheme
     scalar_names: list = field(init=False)  # every host symbol / hyperparameter a stage reads
@@ -107,7 +108,8 @@ class _Program:
     def __post_init__(self) -> None:
         spec = self.plan.spec
         self.state_by_symbol = {sympy.Symbol(s.name): s for s in spec.state}
-        self.quantized_keys = {s.saved_as: s.store.quant for s in spec.state if s.store.quant}
+        quantized = {s.saved_as: s.store.quant for s in spec.state if s.store.quant}
+        self.quantized_keys = {} if self.float_state else quantized
         if len(set(self.plan.outputs.values())) != len(self.plan.outputs):
             raise Unsupported("two outputs share one value")
         for s in spec.state:
@@ -130,7 +132,7 @@ class _Program:
                     scalars.add(str(symbol))
         self.scalar_names = sorted(scalars)
         rank1 = any(q.normalize == "rank1" for q in self.quantized_keys.values())
-        self.layouts = ("nd", "flat") if rank1 else ("any",)
+        self.layouts = ("float",) if self.float_state else ("nd", "flat") if rank1 else ("any",)
 
     def is_tensor(self, symbol: sympy.Symbol) -> bool:
         return str(symbol) in _TENSORS or symbol in self.state_by_symbol
@@ -142,13 +144,17 @@ class _Program:
         return [(dtype, layout) for dtype in PARAM_DTYPES for layout in self.layouts]
 
     def modules(self) -> dict[str, str]:
-        """Variant name → MLIR text: "<dtype>-<layout>" for any CPU, and "<dtype>-<layout>-avx512"
-        where that instruction set decodes 4-bit codes faster (the runtime picks it on such a CPU)."""
+        """Variant name → MLIR text: "<dtype>-<layout>" for any CPU, "<dtype>-<layout>-avx512" where
+        that instruction set decodes codes faster (the runtime picks it on such a CPU), and, for
+        quantized plans, "<dtype>-float" for tensors whose quantized state is kept in float32."""
         out = {}
         for dtype, layout in self.variant_keys():
             out[f"{dtype}-{layout}"] = self.module(dtype, layout)
             if self.lookup_keys(layout):
                 out[f"{dtype}-{layout}-avx512"] = self.module(dtype, layout, "avx512")
+        if self.quantized_keys:  # "<dtype>-float": small tensors, whose quantized stores stay float32
+            kept = _Program(self.plan, float_state=True)
+            out |= {f"{dtype}-float": kept.module(dtype, "float") for dtype, _ in kept.variant_keys()}
         return out
 
     def lookup_keys(self, layout: str) -> list[str]:
@@ -257,6 +263,8 @@ class _Program:
     def module(self, dtype: str, layout: str, isa: str = "portable") -> str:
         functions, globals_ = [], {}
         for stage in self.plan.stages:
+            if self.float_state and stage.op == "stats":
+                continue  # maxima for scales: none in float
             if not self.quantized_keys:
                 functions.append(_linalg_map(self, stage, dtype))
             else:

@@ -274,14 +274,22 @@ class Kernels:
         dtype = kernel_dtype(param, grad)
         if dtype is None:
             return None
+        kept = 0  # quantized stores holding a float32 tensor (small tensors: keep_full_precision)
         for key, value in state.items():
             if key == "step":
                 continue
-            if key in self.schemes:
-                if not isinstance(value, QuantizedState) or not value.codes.is_contiguous():
+            if key in self.schemes and isinstance(value, QuantizedState):
+                if not value.codes.is_contiguous():
                     return None
             elif not isinstance(value, torch.Tensor) or not value.is_contiguous() or value.device.type != "cpu":
                 return None
+            elif key in self.schemes:
+                if value.dtype != torch.float32 or value.shape != param.shape:
+                    return None
+                kept += 1
+        if kept:
+            name = f"{dtype}-float"
+            return name if kept == len(self.schemes) and name in self.sources else None
         layout = ("nd" if param.ndim >= 2 else "flat") if self.rank1 else "any"
         name = f"{dtype}-{layout}"
         fast = f"{name}-{host_isa()}"
@@ -290,12 +298,14 @@ class Kernels:
     def run(self, variant: str, param: torch.Tensor, grad: torch.Tensor, state: dict, scalars: dict) -> None:
         functions = self.functions(variant)
         tensors = {"param": param, "grad": grad, **state}
-        if self.schemes:
+        if self.schemes and not variant.endswith("-float"):
             self._run_quantized(variant, functions, param, tensors, scalars)
             return
         numel = param.numel()
         split = pieces(numel, 1)
         for stage in self.stages:
+            if stage.op == "stats":
+                continue  # the maxima behind quantization scales: none for float32 state
             args = [*(memref(tensors[k]) for k in stage.tensors), *(float(scalars[n]) for n in stage.scalars)]
             launch(functions[f"{stage.name}_team"], numel, args, split)
 
