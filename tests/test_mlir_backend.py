@@ -379,9 +379,12 @@ def test_each_thread_reduces_into_its_own_cache_lines(monkeypatch):
     split, stats = counter.launches[0][1], counter.arguments[0]  # the stats stage runs first
     rows, cols = [arg for arg in stats if isinstance(arg, tuple)][-2:]  # its outputs: after the inputs
     assert split == 4
-    for address, length in (rows, cols):
-        assert address % 64 == 0 and length * 4 % 64 == 0, "a piece's maxima do not start a cache line"
-    assert rows[1] >= shape[0] and cols[1] >= shape[1]
+    # piece p writes [address + 4 * p * stride, + 4 * entries): its rows' then its columns' maxima in
+    # one row of whole cache lines, which no other piece touches
+    (rows_at, stride), (cols_at, cols_stride) = rows, cols
+    assert rows_at % 64 == 0 and stride * 4 % 64 == 0, "a piece's maxima do not start a cache line"
+    assert cols_stride == stride and cols_at == rows_at + 4 * shape[0]
+    assert stride >= shape[0] + shape[1]
 
 
 # A kernel of each kind a team entry serves: over [lo, hi) with whole memrefs and one output per

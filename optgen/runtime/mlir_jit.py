@@ -332,13 +332,18 @@ class Kernels:
                 if normalize == "block":
                     continue  # block-wise: the write stage reduces each block itself
                 sizes = (numel // cols, cols) if normalize == "rank1" else (1,)
-                # one row per piece, each on cache lines of its own: threads sharing a line at the seams
+                # one row per piece (its row maxima, then its column maxima: for a matrix, the stored
+                # scales' layout), each on cache lines of its own: threads sharing a line at the seams
                 # stalled each other on every matrix row (1000x1000 stats on 2 threads: 1.25x -> 1.8x one's speed)
-                maxima = [torch.zeros(split, _whole_lines(n)) for n in sizes]
-                outputs = [(m.data_ptr(), m.shape[1]) for m in maxima]  # the length of one piece's
+                maxima = torch.zeros(split, _whole_lines(sum(sizes)))
+                base, width = maxima.data_ptr(), maxima.shape[1]
+                outputs = [(base + 4 * sum(sizes[:i]), width) for i in range(len(sizes))]  # width: a piece's stride
                 launch(functions[f"{stage.name}_team"], count, [*fixed, *args, *outputs, *values], split)
-                merged = [m[:, :n].amax(dim=0) for m, n in zip(maxima, sizes)]
-                new[stage.target] = _new_scales(merged, shape, normalize)  # amax keeps NaN
+                merged = maxima[:, : sum(sizes)].amax(dim=0)  # amax keeps NaN
+                if len(shape) == 2:  # the stored scales as they are, and views of them for the kernels
+                    new[stage.target] = merged, (merged[: sizes[0]], merged[sizes[0] :])
+                else:
+                    new[stage.target] = _new_scales(list(merged.split(sizes)), shape, normalize)
                 continue
             launch(functions[f"{stage.name}_team"], count, [*fixed, *args, *values], split)
             for key in stage.writes:
