@@ -168,6 +168,40 @@ def test_small_tensors_keep_float_state_on_the_mlir_kernels(name, dtype, monkeyp
     assert all(v.dtype == torch.float32 for s in opt.state.values() for k, v in s.items() if k != "step")
 
 
+ADABELIEF_4BIT_SPEC = """optgen: 1
+name: adabelief4bit
+class: AdaBelief4bit
+summary: AdaBelief with m in 4-bit blocks and s rank-1 (its statistics read m's blocks)
+hyper:
+  lr: {default: 1.0e-3, in: "[0, inf)"}
+  betas: {default: [0.9, 0.999], in: "[0, 1)"}
+  eps: {default: 1.0e-8, in: "[0, inf)"}
+state:
+  m: {init: 0, store: q4_block128_de}
+  s: {init: 0, store: q4_rank1_linear_nozero}
+keep_full_precision: {numel_at_most: 0}
+update:
+  - m = beta1 * m + (1 - beta1) * grad
+  - s = beta2 * s + (1 - beta2) * (grad - m)**2
+  - param = param - lr / (1 - beta1**step) * m / (sqrt(s / (1 - beta2**step)) + eps)
+"""
+
+
+@pytest.mark.filterwarnings("ignore:state 'm' is divided by")  # s depends on m: the zero-point check is cautious
+def test_stats_super_blocks_are_larger_unless_they_read_blocks(tmp_path, monkeypatch):
+    # statistics over rank-1 state only walk STATS_SUPERBLOCK elements per super-block (fewer fixed
+    # costs); ones that read a block-wise state keep the blocks' super-block, and still match torch
+    from optgen.codegen.emit_mlir import STATS_SUPERBLOCK, _Program
+
+    path = tmp_path / "adabelief4bit.yaml"
+    path.write_text(ADABELIEF_4BIT_SPEC)
+    for spec, stats_size in (("adamw4bit", STATS_SUPERBLOCK), (str(path), 128)):
+        program = _Program(make_plan(load_spec(spec)))
+        sizes = {stage.op: program.stage_superblock(stage, "nd") for stage in program.plan.stages}
+        assert sizes == {"stats": stats_size, "map": 128}, spec
+    _compare("adabelief4bit", torch.float32, [(129,), (67, 131), (3, 5, 301), (300, 257)], monkeypatch, spec=str(path))
+
+
 MIXED_BLOCKS_SPEC = """optgen: 1
 name: adam_mixed_blocks
 class: AdamMixedBlocks

@@ -42,6 +42,10 @@ from optgen.codegen.templates import render
 MLIR_TYPES = {"float32": "f32", "bfloat16": "bf16"}
 PARAM_DTYPES = ("float32", "bfloat16")
 MAX_SUPERBLOCK = 4096  # elements kept on the stack per block-wise quantized state
+# a stats stage over rank-1 / per-tensor state only walks super-blocks of at least this many elements:
+# fewer per-super-block overheads (unpacking, row bounds) for the maxima (10x1M adamw4bit stats on
+# 1 thread 2.6 -> 2.0 ms; on 2 threads 1.6 -> 1.1-1.5 ms); its map stage keeps the blocks' size
+STATS_SUPERBLOCK = 512
 BUCKET_SHIFT = 18  # tables over 16 entries encode through buckets of 2**18 consecutive float32 keys
 _TENSORS = ("param", "grad")
 _RELATIONS = {sympy.Eq: "oeq", sympy.Ne: "une", sympy.Lt: "olt", sympy.Le: "ole", sympy.Gt: "ogt", sympy.Ge: "oge"}
@@ -68,7 +72,10 @@ def emit_mlir(plan: Plan, header: str) -> str | None:
         spec_name=plan.spec.name,
         variants=list(variants.items()),
         schemes=[(key, _scheme_literal(scheme)) for key, scheme in program.quantized_keys.items()],
-        superblocks={layout: program.superblock(layout) for layout in program.layouts},
+        superblocks={
+            layout: {stage.name: program.stage_superblock(stage, layout) for stage in program.plan.stages}
+            for layout in program.layouts
+        },
         unpack_lines=program.unpack_lines(),
         host_lines=program.host_lines(),
         stages=program.stage_rows(),
@@ -207,6 +214,16 @@ class _Program:
         if size > MAX_SUPERBLOCK:
             raise Unsupported("block sizes too large together")
         return size
+
+    def stage_superblock(self, stage: Stage, layout: str) -> int:
+        """Elements per outer iteration of ``stage``: the layout's super-block, or more for a stats
+        stage that reads no block-wise state (STATS_SUPERBLOCK)."""
+        size = self.superblock(layout)
+        quantized = [k for k in self.tensors(stage) if k in self.quantized_keys]
+        if stage.op != "stats" or any(self.layout_of(k, layout)[0] == "block" for k in quantized):
+            return size
+        larger = math.lcm(size, STATS_SUPERBLOCK)
+        return larger if larger <= MAX_SUPERBLOCK else size
 
     # -- Python side of the module -----------------------------------------------------------------
     def unpack_lines(self) -> list[str]:
@@ -549,7 +566,7 @@ def _quantized_stage(
     names = program.tensors(stage)
     writes = program.writes(stage)
     scalars = program.scalars_of(stage)
-    L = program.superblock(layout)
+    L = program.stage_superblock(stage, layout)
     body = Body()
     args = ["%lo: index", "%hi: index", "%n: index", "%cols: index", *program.extra_args()]
     quant = {k: program.layout_of(k, layout) for k in names if k in program.quantized_keys}

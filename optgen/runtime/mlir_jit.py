@@ -250,7 +250,7 @@ class Kernels:
         sources: dict[str, str],
         stages: tuple[Stage, ...],
         schemes: dict[str, QuantScheme],
-        superblocks: dict[str, int],
+        superblocks: dict[str, dict[str, int]],  # layout -> stage -> elements per super-block
     ):
         self.spec, self.sources, self.stages, self.schemes, self.superblocks = (
             spec,
@@ -312,16 +312,16 @@ class Kernels:
     # -- quantized plans ---------------------------------------------------------------------------
     def _run_quantized(self, variant: str, functions: dict, param: torch.Tensor, tensors: dict, scalars: dict) -> None:
         layout = variant.split("-")[1]
-        block = self.superblocks[layout]
         numel = param.numel()
         shape = tuple(param.shape)
         cols = shape[-1] if layout == "nd" else 1
-        count = -(-numel // block)
-        split = pieces(count, block)
         fixed = [numel, cols]
         new: dict[str, tuple] = {}  # rank-1 / per-tensor targets: (scales to store, kernel scale tensors)
         olds: dict[str, tuple] = {}  # per key, the kernel scales made from the stored ones (held: launches read them)
         for stage in self.stages:
+            block = self.superblocks[layout][stage.name]
+            count = -(-numel // block)
+            split = pieces(count, block)
             values = [float(scalars[n]) for n in stage.scalars]
             args = []
             for key in stage.tensors:

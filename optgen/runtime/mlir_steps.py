@@ -53,7 +53,7 @@ class StepKernels(Kernels):
         stripe: int,
         chunk: int,
     ):
-        super().__init__(spec, sources, (), schemes, {"any": superblock})
+        super().__init__(spec, sources, (), schemes, {})  # its quantized launches: self.superblock
         self.steps, self.buffers, self.state_kinds = steps, buffers, state_kinds
         self.min_ndim, self.stripe, self.chunk = min_ndim, stripe, chunk
         self.superblock = superblock
