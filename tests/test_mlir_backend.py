@@ -202,6 +202,33 @@ def test_stats_super_blocks_are_larger_unless_they_read_blocks(tmp_path, monkeyp
     _compare("adabelief4bit", torch.float32, [(129,), (67, 131), (3, 5, 301), (300, 257)], monkeypatch, spec=str(path))
 
 
+PER_TENSOR_SPEC = """optgen: 1
+name: adam_per_tensor
+class: AdamPerTensor
+summary: Adam with both moments in 4-bit codes under one scale per tensor
+hyper:
+  lr: {default: 1.0e-3, in: "[0, inf)"}
+  betas: {default: [0.9, 0.999], in: "[0, 1)"}
+  eps: {default: 1.0e-8, in: "[0, inf)"}
+state:
+  m: {init: 0, store: {bits: 4, signed: true, normalize: tensor, table: dynamic_exponent}}
+  v: {init: 0, store: {bits: 4, signed: false, normalize: tensor, table: linear_nozero}}
+keep_full_precision: {numel_at_most: 0}
+update:
+  - m = beta1 * m + (1 - beta1) * grad
+  - v = beta2 * v + (1 - beta2) * grad**2
+  - param = param - lr / (1 - beta1**step) * m / (sqrt(v / (1 - beta2**step)) + eps)
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_per_tensor_scales_match_torch(tmp_path, dtype, monkeypatch):
+    # one scale per tensor (a stats stage with one maximum), on 1-D, 2-D and 3-D parameters
+    path = tmp_path / "adam_per_tensor.yaml"
+    path.write_text(PER_TENSOR_SPEC)
+    _compare("adam_per_tensor", dtype, [*ODD_SHAPES, (300, 257)], monkeypatch, spec=str(path))
+
+
 MIXED_BLOCKS_SPEC = """optgen: 1
 name: adam_mixed_blocks
 class: AdamMixedBlocks

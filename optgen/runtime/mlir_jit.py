@@ -340,7 +340,7 @@ class Kernels:
                 outputs = [(base + 4 * sum(sizes[:i]), width) for i in range(len(sizes))]  # width: a piece's stride
                 launch(functions[f"{stage.name}_team"], count, [*fixed, *args, *outputs, *values], split)
                 merged = maxima[:, : sum(sizes)].amax(dim=0)  # amax keeps NaN
-                if len(shape) == 2:  # the stored scales as they are, and views of them for the kernels
+                if normalize == "rank1" and len(shape) == 2:  # stored scales as they are, and views for the kernels
                     new[stage.target] = merged, (merged[: sizes[0]], merged[sizes[0] :])
                 else:
                     new[stage.target] = _new_scales(list(merged.split(sizes)), shape, normalize)
