@@ -221,12 +221,25 @@ update:
 """
 
 
+RANK1_8BIT_SPEC = PER_TENSOR_SPEC.replace("adam_per_tensor", "adam_rank1_8bit").replace(
+    "bits: 4, signed: false, normalize: tensor, table: linear_nozero",
+    "bits: 8, signed: false, normalize: rank1, table: dynamic_exponent_nozero",
+)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_per_tensor_scales_match_torch(tmp_path, dtype, monkeypatch):
-    # one scale per tensor (a stats stage with one maximum), on 1-D, 2-D and 3-D parameters
-    path = tmp_path / "adam_per_tensor.yaml"
-    path.write_text(PER_TENSOR_SPEC)
-    _compare("adam_per_tensor", dtype, [*ODD_SHAPES, (300, 257)], monkeypatch, spec=str(path))
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("adam_per_tensor", PER_TENSOR_SPEC),  # one scale per tensor: a stats stage with one maximum
+        ("adam_rank1_8bit", RANK1_8BIT_SPEC),  # rank-1 scales over 8-bit DE-0 codes (lookup decode, buckets)
+    ],
+)
+def test_other_normalizations_match_torch(tmp_path, name, text, dtype, monkeypatch):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    assert "normalize: tensor" in text or "rank1, table: dynamic_exponent_nozero" in text
+    _compare(name, dtype, [*ODD_SHAPES, (300, 257)], monkeypatch, spec=str(path))
 
 
 MIXED_BLOCKS_SPEC = """optgen: 1
