@@ -221,6 +221,43 @@ update:
 """
 
 
+# every store a moment can have, each m store paired with a different v store (cycled): the kernels'
+# paths (block sizes alone and mixed, per-tensor, rank-1, 4 and 8 bits, tables with and without
+# arithmetic form, float) against the torch kernels
+M_STORES = [
+    "{bits: 4, signed: true, normalize: {block: 64}, table: dynamic_exponent}",
+    "{bits: 4, signed: true, normalize: {block: 128}, table: dynamic_exponent}",
+    "{bits: 4, signed: true, normalize: {block: 32}, table: linear}",
+    "{bits: 8, signed: true, normalize: {block: 256}, table: dynamic_exponent}",
+    "{bits: 4, signed: true, normalize: tensor, table: dynamic_exponent}",
+    "{bits: 8, signed: true, normalize: {block: 96}, table: linear}",
+    "bfloat16",
+]
+V_STORES = [
+    "{bits: 4, signed: false, normalize: rank1, table: linear_nozero}",
+    "{bits: 8, signed: false, normalize: rank1, table: dynamic_exponent_nozero}",
+    "{bits: 4, signed: false, normalize: {block: 64}, table: linear_nozero}",
+    "{bits: 8, signed: false, normalize: {block: 128}, table: dynamic_exponent_nozero}",
+    "{bits: 4, signed: false, normalize: tensor, table: linear_nozero}",
+    "float32",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", range(len(M_STORES) * 2), ids=lambda i: f"m{i % len(M_STORES)}-v{i % len(V_STORES)}")
+def test_pairs_of_stores_match_torch(tmp_path, pair, monkeypatch):
+    m, v = M_STORES[pair % len(M_STORES)], V_STORES[pair % len(V_STORES)]
+    text = PER_TENSOR_SPEC.replace("adam_per_tensor", "adam_pair").replace("numel_at_most: 0", "numel_at_most: 100")
+    text = text.replace("{bits: 4, signed: true, normalize: tensor, table: dynamic_exponent}", m)
+    text = text.replace("{bits: 4, signed: false, normalize: tensor, table: linear_nozero}", v)
+    path = tmp_path / "adam_pair.yaml"
+    path.write_text(text)
+    assert f"store: {m}" in text and f"store: {v}" in text
+    shapes = [(1,), (50,), (127,), (4097,), (67, 131), (3, 5, 301), (1, 513), (513, 1), (300, 257)]
+    dtype = torch.float32 if pair < len(M_STORES) else torch.bfloat16
+    _compare("adam_pair", dtype, shapes, monkeypatch, spec=str(path))
+
+
 RANK1_8BIT_SPEC = PER_TENSOR_SPEC.replace("adam_per_tensor", "adam_rank1_8bit").replace(
     "bits: 4, signed: false, normalize: tensor, table: linear_nozero",
     "bits: 8, signed: false, normalize: rank1, table: dynamic_exponent_nozero",
