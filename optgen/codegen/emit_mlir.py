@@ -594,6 +594,13 @@ def _quantized_stage(
     reads = {program.key(s) for s in stage.inputs if program.is_tensor(s)}
     stores = dict(program.stores(stage))
 
+    # rank-1 scales: row segments (below); blocks of several sizes (L their lcm): the element loop
+    # walks sub-blocks of their gcd, each inside one block of every state, so each block's scale is
+    # loaded once per sub-block (a scale indexed per element kept LLVM from vectorizing: 6x slower)
+    segments = norm == "rank1"
+    smallest = math.gcd(*(q[1] for q in quant.values() if q[0] == "block"))  # 0: no block-wise state
+    sub = smallest if 0 < smallest < L and not segments else None
+
     def superblock(length: str, i: int) -> None:
         """The loops over one super-block of ``length`` elements from ``start`` (indent ``i``)."""
         pairs = body.op(f"arith.ceildivui {length}, {body.index(2)} : index", i)
@@ -604,16 +611,9 @@ def _quantized_stage(
                 _unpack_lookup(body, i, k, lookups[k], first_byte, L, schemes[k])
             else:
                 _unpack(body, i, k, buf, pairs, first_byte, L)
-        for k in lookups.keys() - unpacked.keys():
-            if whole:
-                _lookup_bytes(body, i, k, lookups[k], start, L, schemes[k])
+        for k in (k for k in lookups if k not in unpacked and whole):  # 8-bit codes: no unpacking
+            _lookup_bytes(body, i, k, lookups[k], start, L, schemes[k])
         program.gather(body, i, gathered, start, end, L)
-        # rank-1 scales: row segments (below); blocks of several sizes (L their lcm): the element loop
-        # walks sub-blocks of their gcd, each inside one block of every state, so each block's scale is
-        # loaded once per sub-block (a scale indexed per element kept LLVM from vectorizing: 6x slower)
-        segments = norm == "rank1"
-        sizes = [quant[k][1] for k in quant if quant[k][0] == "block"]
-        sub = math.gcd(*sizes) if sizes and not segments and math.gcd(*sizes) < L else None
         # a block-wise input with one block per super-block: its scale is loaded once, before the loops
         block_scales = {
             k: body.op(f"memref.load %{k}_scales[{body.op(f'arith.divui {start}, %L : index', i)}] : memref<?xf32>", i)
@@ -841,7 +841,7 @@ def _pack(body: Body, ind: int, key: str, buf: str, pairs: str, first_byte: str,
 def _unpack_lookup(body: Body, ind: int, key: str, buf: str, first_byte: str, L: int, scheme: QuantScheme) -> None:
     """The super-block's table values (not yet scaled) into ``buf``, 16 per iteration: 8 bytes split
     into nibbles, interleaved (low nibble = even element), looked up by AVX-512's vpermps."""
-    table = body.const(f"dense<[{', '.join(f32_literal(v) for v in _table16(scheme))}]>", "vector<16xf32>")
+    table = body.const(f"dense<[{', '.join(f32_literal(v) for v in _padded_table(scheme, 16))}]>", "vector<16xf32>")
     body.raw(f"scf.for %q = %c_0 to {body.index(L // 2)} step {body.index(8)} {{", ind)
     k = ind + 1
     at = body.op(f"arith.addi {first_byte}, %q : index", k)
@@ -865,7 +865,7 @@ def _lookup_bytes(body: Body, ind: int, key: str, buf: str, start: str, L: int, 
     """The super-block's 8-bit table values (not yet scaled) into ``buf``, 16 per iteration: each of
     the eight 32-entry slices of the table looked up by the code's low 5 bits (vpermt2ps, two table
     registers), then the slice picked by its top 3 bits — instead of a gather per 16 codes."""
-    values = [*scheme.values, *[scheme.values[-1]] * (256 - len(scheme.values))]
+    values = _padded_table(scheme, 256)
     halves = [
         body.const(f"dense<[{', '.join(f32_literal(v) for v in values[h * 16 : h * 16 + 16])}]>", "vector<16xf32>")
         for h in range(16)
@@ -923,7 +923,7 @@ def _table_entry(body: Body, ind: int, scheme: QuantScheme, code: str, globals_:
         table = body.op(f"memref.get_global {_table_global(scheme, 'table', globals_)} : memref<{size}xf32>", ind)
         index = body.op(f"arith.index_castui {code} : i8 to index", ind)
         return body.op(f"memref.load {table}[{index}] : memref<{size}xf32>", ind)
-    level = [body.f32(v) for v in _table16(scheme)]
+    level = [body.f32(v) for v in _padded_table(scheme, 16)]
     for bit in range(4):
         mask = body.op(f"arith.andi {code}, {body.const(str(1 << bit), 'i8')} : i8", ind)
         is_set = body.op(f"arith.cmpi ne, {mask}, {body.const('0', 'i8')} : i8", ind)
@@ -933,9 +933,9 @@ def _table_entry(body: Body, ind: int, scheme: QuantScheme, code: str, globals_:
     return level[0]
 
 
-def _table16(scheme: QuantScheme) -> list[float]:
-    """A table of at most 16 entries padded to 16 with its last (codes past the table never occur)."""
-    return [*scheme.values, *[scheme.values[-1]] * (16 - len(scheme.values))]
+def _padded_table(scheme: QuantScheme, size: int) -> list[float]:
+    """The table padded to ``size`` entries with its last (codes past the table never occur)."""
+    return [*scheme.values, *[scheme.values[-1]] * (size - len(scheme.values))]
 
 
 def _element_scale(body: Body, ind: int, key: str, layout: tuple, where: dict, new: bool) -> str:
@@ -995,7 +995,7 @@ def _bucket_encode(body: Body, ind: int, scheme: QuantScheme, x: str, globals_: 
     key, its top bits a bucket, the bucket's count of midpoints below it from a table, plus a
     comparison with each of the next few midpoints (a bucket holds at most that many; past it they
     lie above x).  Loads instead of a select tree: the 8-bit encode had 57 selects and 2 dependent
-    loads; now 1 + 2-3 independent loads (adamw8bit's kernel 25% faster).  NaN: code 0, as the search gives."""
+    loads; now 2 independent loads (BUCKET_SHIFT: one midpoint per bucket).  NaN: code 0, as the search gives."""
     firsts, most = _buckets(scheme)
     counts = _table_global(scheme, "buckets", globals_)
     mids = _table_global(scheme, "midpoints", globals_)
