@@ -126,6 +126,21 @@ def step_time_table(path: Path) -> str:
     return "\n".join(lines) + f"\n\n({'; '.join(notes)}.)"
 
 
+def shapes_table(path: Path) -> str:
+    """shapes_cpu.csv pivoted: a row per shape, a column per implementation (ns per element, ratio)."""
+    rows = list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
+    names = list(dict.fromkeys(r["implementation"] for r in rows))
+    cells: dict[str, dict[str, str]] = {}
+    for r in rows:
+        cells.setdefault(f"{r['shape']} × {r['tensors']}", {})[r["implementation"]] = (
+            f"{r['ns_per_element']} (×{r['ratio_to_fused']})"
+        )
+    lines = [f"| shape × tensors | {' | '.join(names)} |", f"|---|{'---|' * len(names)}"]
+    lines += [f"| {shape} | {' | '.join(c.get(n, '') for n in names)} |" for shape, c in cells.items()]
+    setting = next(line for line in path.read_text().splitlines() if line.startswith("#")).split(",")[1:]
+    return "\n".join(lines) + f"\n\n(ns per element, ratio to torch fused AdamW in the same run; {', '.join(setting)}.)"
+
+
 def render(results: Path, size: str, readme: Path) -> str:
     runs = sorted(results.glob(f"train_{size}_*.csv"))
     rel = lambda p: p.relative_to(readme.parent).as_posix() if p.is_relative_to(readme.parent) else str(p)
@@ -176,6 +191,15 @@ def render(results: Path, size: str, readme: Path) -> str:
             "with a plain `copy_` (8 bytes counted per element; the write's read-for-ownership moves 4 more).",
             step_time_table(results / "step_time_cpu.csv"),
         ]
+    if (results / "shapes_cpu.csv").is_file():
+        parts += [
+            "### Step time per parameter shape (CPU)",
+            "`python benchmarks/shapes_cpu.py` — the same comparison over lists of ~2M elements of one shape "
+            "each: a shape far above the square matrix's ratio is a cliff in the kernels' loops. Rank-1 state "
+            "(adamw4bit's v) walks the rows of a matrix view, so matrices with few columns (LoRA B, the tall "
+            "one) still pay a loop per short row; conv weights are viewed as (out, in·k·k).",
+            shapes_table(results / "shapes_cpu.csv"),
+        ]
     parts.append(END)
     return "\n\n".join(parts)
 
@@ -218,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             run(["benchmarks/memory.py", "--out-dir", str(args.results)])
         if "step_time" not in args.skip:
             run(["benchmarks/step_cpu.py", "--llama"])
+            run(["benchmarks/shapes_cpu.py"])
     readme = args.readme.read_text()
     args.readme.write_text(replace_section(readme, render(args.results, args.size, args.readme)))
     print(f"updated {args.readme} ({platform.machine()})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,19 @@ def test_steps_to_reach_reports_the_first_evaluation_at_or_below_the_target():
     rows = [{"step": s, "eval_loss": v} for s, v in [(0, 5.0), (10, 3.0), (20, 2.0), (30, 1.5)]]
     assert suite.steps_to_reach(rows, 2.0) == 20
     assert suite.steps_to_reach(rows, 1.0) is None
+
+
+@pytest.mark.slow
+def test_shapes_cpu_writes_the_table_the_readme_shows(tmp_path):
+    run_script("shapes_cpu.py", "--elements", "20000", "--rounds", "2", "--out-dir", str(tmp_path))
+    lines = (tmp_path / "shapes_cpu.csv").read_text().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert {r["implementation"] for r in rows} >= {"torch.optim.AdamW fused", "optgen adamw4bit (mlir)"}
+    assert all(float(r["ns_per_element"]) > 0 for r in rows)
+    assert {r["ratio_to_fused"] for r in rows if r["implementation"] == "torch.optim.AdamW fused"} == {"1.00"}
+    table = suite.shapes_table(tmp_path / "shapes_cpu.csv")
+    assert "| conv 3×3 (256, 256, 3, 3) × 1 | " in table and "| LoRA B (4096, 16) × 1 | " in table
+    assert table.count("\n| ") == len({r["shape"] for r in rows})  # one row per shape, after the header
 
 
 def test_replace_section_without_markers_names_them():

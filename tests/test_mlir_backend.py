@@ -280,6 +280,28 @@ def test_other_normalizations_match_torch(tmp_path, name, text, dtype, monkeypat
     _compare(name, dtype, [*ODD_SHAPES, (300, 257)], monkeypatch, spec=str(path))
 
 
+# (rows, cols) views rank-1 kernels walk: a 3x3 conv (1, all but the first), a 1x1 conv, trailing
+# dims that reach MIN_ROW (2), a 3-D tensor whose last dim does (2, as for every matrix: 1)
+CUTS = {(23, 21, 3, 3): 1, (67, 65, 1, 1): 1, (5, 3, 7, 41): 2, (3, 5, 301): 2, (300, 257): 1}
+
+
+def test_rank1_views_keep_rows_long():
+    assert {shape: mlir_jit.rank1_split(shape) for shape in CUTS} == CUTS
+    assert all(math.prod(s[1:]) < mlir_jit.MIN_ROW or math.prod(s[c:]) >= mlir_jit.MIN_ROW for s, c in CUTS.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["adamw4bit", "adam_rank1_8bit"])
+def test_rank1_state_of_conv_shaped_params_matches_torch(tmp_path, name, dtype, monkeypatch):
+    # the stored per-dim maxima are rebuilt from the row and column maxima of the view: codes and
+    # scales must equal the torch kernels' (which reduce each dim directly)
+    spec = None
+    if name != "adamw4bit":
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(RANK1_8BIT_SPEC)
+    _compare(name, dtype, list(CUTS), monkeypatch, spec=spec and str(spec))
+
+
 MIXED_BLOCKS_SPEC = """optgen: 1
 name: adam_mixed_blocks
 class: AdamMixedBlocks

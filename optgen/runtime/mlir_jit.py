@@ -43,6 +43,7 @@ PIPELINE = (
 )
 OPT_LEVEL = 3
 MIN_ELEMENTS_PER_THREAD = 1 << 15  # smaller tensors run on the calling thread alone
+MIN_ROW = 128  # rank-1 kernels: elements per row of the (rows, cols) view they walk, where the shape allows
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
@@ -314,7 +315,8 @@ class Kernels:
         layout = variant.split("-")[1]
         numel = param.numel()
         shape = tuple(param.shape)
-        cols = shape[-1] if layout == "nd" else 1
+        cut = rank1_split(shape)
+        cols = math.prod(shape[cut:]) if layout == "nd" else 1
         fixed = [numel, cols]
         new: dict[str, tuple] = {}  # rank-1 / per-tensor targets: (scales to store, kernel scale tensors)
         olds: dict[str, tuple] = {}  # per key, the kernel scales made from the stored ones (held: launches read them)
@@ -325,7 +327,7 @@ class Kernels:
             values = [float(scalars[n]) for n in stage.scalars]
             args = []
             for key in stage.tensors:
-                args += self._bundle(key, tensors[key], shape, new.get(key), olds)
+                args += self._bundle(key, tensors[key], shape, new.get(key), olds, cut)
             if stage.op == "stats":
                 target: QuantizedState = tensors[stage.target]
                 normalize, _ = target.scheme.layout(shape)
@@ -343,7 +345,7 @@ class Kernels:
                 if normalize == "rank1" and len(shape) == 2:  # stored scales as they are, and views for the kernels
                     new[stage.target] = merged, (merged[: sizes[0]], merged[sizes[0] :])
                 else:
-                    new[stage.target] = _new_scales(list(merged.split(sizes)), shape, normalize)
+                    new[stage.target] = _new_scales(list(merged.split(sizes)), shape, normalize, cut)
                 continue
             launch(functions[f"{stage.name}_team"], count, [*fixed, *args, *values], split)
             for key in stage.writes:
@@ -355,10 +357,10 @@ class Kernels:
                 warn_if_not_finite(target, shape)
 
     @staticmethod
-    def _bundle(key: str, value, shape: tuple, new: tuple | None, olds: dict) -> list[tuple[int, int]]:
+    def _bundle(key: str, value, shape: tuple, new: tuple | None, olds: dict, split: int) -> list[tuple[int, int]]:
         """The memref arguments of one tensor: itself, or a quantized state's codes and scales.
         ``olds``: the kernel scales made from the stored ones, per key, made once per step and held
-        by the caller until its launches are done (``new``'s too)."""
+        by the caller until its launches are done (``new``'s too); ``split``: see ``rank1_split``."""
         if not isinstance(value, QuantizedState):
             return [memref(value)]
         normalize, _ = value.scheme.layout(shape)
@@ -366,7 +368,9 @@ class Kernels:
             return [memref(value.codes), memref(value.scales)]
         if key not in olds:
             rank1 = normalize == "rank1"
-            olds[key] = _kernel_scales(list(value.scales.split(list(shape))), shape) if rank1 else (value.scales,)
+            olds[key] = (
+                _kernel_scales(list(value.scales.split(list(shape))), shape, split) if rank1 else (value.scales,)
+            )
         old = olds[key]
         fresh = new[1] if new is not None else old
         return [memref(value.codes), *(memref(t) for t in old), *(memref(t) for t in fresh)]
@@ -415,27 +419,40 @@ def _whole_lines(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def _kernel_scales(maxima: list[torch.Tensor], shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-1 scales as the kernels read them over the (rows, last dim) view: the minimum of
-    the leading dims' maxima per row, and the last dim's maxima."""
+def rank1_split(shape: tuple) -> int:
+    """The dim where rank-1 kernels cut an N-d parameter into the (rows, cols) view they walk: the
+    last dims whose extent reaches ``MIN_ROW``, else all but the first.  The kernels walk a row at a
+    time, so a conv weight (O, I, 3, 3) walked as (O * I * 3, 3) paid a loop per 3 elements (7x
+    slower per element than a 1000x1000 matrix); as (O, I * 9) it does not."""
+    split = max(len(shape) - 1, 1)
+    while split > 1 and math.prod(shape[split:]) < MIN_ROW:
+        split -= 1
+    return split
+
+
+def _kernel_scales(maxima: list[torch.Tensor], shape: tuple, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-1 scales as the kernels read them over the (rows, cols) view cut at dim ``split``: per
+    row the minimum of the leading dims' maxima, per column the minimum of the trailing dims'."""
     if len(shape) == 2:
         return maxima[0].contiguous(), maxima[1].contiguous()
-    rows = _rank1_scales(maxima[:-1], torch.Size(shape[:-1])).reshape(-1).contiguous()
-    return rows, maxima[-1].contiguous()
+    return tuple(
+        _rank1_scales(part, torch.Size(dims)).reshape(-1).contiguous()
+        for part, dims in ((maxima[:split], shape[:split]), (maxima[split:], shape[split:]))
+    )
 
 
-def _new_scales(maxima: list[torch.Tensor], shape: tuple, normalize: str) -> tuple:
+def _new_scales(maxima: list[torch.Tensor], shape: tuple, normalize: str, split: int) -> tuple:
     """From the stats kernels' maxima: (the scales to store, the tensors the write kernel reads)."""
     if normalize == "tensor":
         return maxima[0], (maxima[0],)
-    rows, cols = maxima
-    lead = rows.view(shape[:-1])
-    per_dim = [
-        lead.amax(dim=[d for d in range(lead.ndim) if d != keep]) if lead.ndim > 1 else lead
-        for keep in range(lead.ndim)
-    ]
-    per_dim.append(cols)
-    return torch.cat(per_dim), _kernel_scales(per_dim, shape)
+    per_dim = []
+    for vector, dims in zip(maxima, (shape[:split], shape[split:])):  # row maxima, column maxima
+        view = vector.view(dims)
+        per_dim += [
+            view.amax(dim=[d for d in range(view.ndim) if d != keep]) if view.ndim > 1 else vector
+            for keep in range(view.ndim)
+        ]
+    return torch.cat(per_dim), _kernel_scales(per_dim, shape, split)
 
 
 __all__ = ["Kernels", "MlirBackendError", "Stage", "compile_module"]

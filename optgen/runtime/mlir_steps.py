@@ -129,7 +129,7 @@ class StepKernels(Kernels):
         olds: dict = {}  # held until the launch is done
         args = []
         for key in step.tensors:
-            args += self._bundle(key, tensors[key], shape, None, olds)
+            args += self._bundle(key, tensors[key], shape, None, olds, len(shape) - 1)  # rows: the last dim's
         count = -(-numel // self.superblock)
         launch(team, count, [numel, cols, matrix, *args, *values], pieces(count, self.superblock))
         for key in step.writes:
