@@ -286,7 +286,7 @@ CUTS = {(23, 21, 3, 3): 1, (67, 65, 1, 1): 1, (5, 3, 7, 41): 2, (3, 5, 301): 2, 
 
 
 def test_rank1_views_keep_rows_long():
-    assert {shape: mlir_jit.rank1_split(shape) for shape in CUTS} == CUTS
+    assert {shape: mlir_jit.rank1_cut(shape) for shape in CUTS} == CUTS
     assert all(math.prod(s[1:]) < mlir_jit.MIN_ROW or math.prod(s[c:]) >= mlir_jit.MIN_ROW for s, c in CUTS.items())
 
 

@@ -315,7 +315,7 @@ class Kernels:
         layout = variant.split("-")[1]
         numel = param.numel()
         shape = tuple(param.shape)
-        cut = rank1_split(shape)
+        cut = rank1_cut(shape)
         cols = math.prod(shape[cut:]) if layout == "nd" else 1
         fixed = [numel, cols]
         new: dict[str, tuple] = {}  # rank-1 / per-tensor targets: (scales to store, kernel scale tensors)
@@ -357,10 +357,10 @@ class Kernels:
                 warn_if_not_finite(target, shape)
 
     @staticmethod
-    def _bundle(key: str, value, shape: tuple, new: tuple | None, olds: dict, split: int) -> list[tuple[int, int]]:
+    def _bundle(key: str, value, shape: tuple, new: tuple | None, olds: dict, cut: int) -> list[tuple[int, int]]:
         """The memref arguments of one tensor: itself, or a quantized state's codes and scales.
         ``olds``: the kernel scales made from the stored ones, per key, made once per step and held
-        by the caller until its launches are done (``new``'s too); ``split``: see ``rank1_split``."""
+        by the caller until its launches are done (``new``'s too); ``cut``: see ``rank1_cut``."""
         if not isinstance(value, QuantizedState):
             return [memref(value)]
         normalize, _ = value.scheme.layout(shape)
@@ -368,9 +368,7 @@ class Kernels:
             return [memref(value.codes), memref(value.scales)]
         if key not in olds:
             rank1 = normalize == "rank1"
-            olds[key] = (
-                _kernel_scales(list(value.scales.split(list(shape))), shape, split) if rank1 else (value.scales,)
-            )
+            olds[key] = _kernel_scales(list(value.scales.split(list(shape))), shape, cut) if rank1 else (value.scales,)
         old = olds[key]
         fresh = new[1] if new is not None else old
         return [memref(value.codes), *(memref(t) for t in old), *(memref(t) for t in fresh)]
@@ -419,40 +417,40 @@ def _whole_lines(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def rank1_split(shape: tuple) -> int:
+def rank1_cut(shape: tuple) -> int:
     """The dim where rank-1 kernels cut an N-d parameter into the (rows, cols) view they walk: the
     last dims whose extent reaches ``MIN_ROW``, else all but the first.  The kernels walk a row at a
-    time, so a conv weight (O, I, 3, 3) walked as (O * I * 3, 3) paid a loop per 3 elements (7x
+    time, so a conv weight (O, I, 3, 3) walked as (O * I * 3, 3) paid a loop per 3 elements (8x
     slower per element than a 1000x1000 matrix); as (O, I * 9) it does not."""
-    split = max(len(shape) - 1, 1)
-    while split > 1 and math.prod(shape[split:]) < MIN_ROW:
-        split -= 1
-    return split
+    cut = max(len(shape) - 1, 1)
+    while cut > 1 and math.prod(shape[cut:]) < MIN_ROW:
+        cut -= 1
+    return cut
 
 
-def _kernel_scales(maxima: list[torch.Tensor], shape: tuple, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-1 scales as the kernels read them over the (rows, cols) view cut at dim ``split``: per
+def _kernel_scales(maxima: list[torch.Tensor], shape: tuple, cut: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-1 scales as the kernels read them over the (rows, cols) view cut at dim ``cut``: per
     row the minimum of the leading dims' maxima, per column the minimum of the trailing dims'."""
     if len(shape) == 2:
         return maxima[0].contiguous(), maxima[1].contiguous()
     return tuple(
         _rank1_scales(part, torch.Size(dims)).reshape(-1).contiguous()
-        for part, dims in ((maxima[:split], shape[:split]), (maxima[split:], shape[split:]))
+        for part, dims in ((maxima[:cut], shape[:cut]), (maxima[cut:], shape[cut:]))
     )
 
 
-def _new_scales(maxima: list[torch.Tensor], shape: tuple, normalize: str, split: int) -> tuple:
+def _new_scales(maxima: list[torch.Tensor], shape: tuple, normalize: str, cut: int) -> tuple:
     """From the stats kernels' maxima: (the scales to store, the tensors the write kernel reads)."""
     if normalize == "tensor":
         return maxima[0], (maxima[0],)
     per_dim = []
-    for vector, dims in zip(maxima, (shape[:split], shape[split:])):  # row maxima, column maxima
+    for vector, dims in zip(maxima, (shape[:cut], shape[cut:])):  # row maxima, column maxima
         view = vector.view(dims)
         per_dim += [
             view.amax(dim=[d for d in range(view.ndim) if d != keep]) if view.ndim > 1 else vector
             for keep in range(view.ndim)
         ]
-    return torch.cat(per_dim), _kernel_scales(per_dim, shape, split)
+    return torch.cat(per_dim), _kernel_scales(per_dim, shape, cut)
 
 
 __all__ = ["Kernels", "MlirBackendError", "Stage", "compile_module"]

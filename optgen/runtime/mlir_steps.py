@@ -129,7 +129,8 @@ class StepKernels(Kernels):
         olds: dict = {}  # held until the launch is done
         args = []
         for key in step.tensors:
-            args += self._bundle(key, tensors[key], shape, None, olds, len(shape) - 1)  # rows: the last dim's
+            # these kernels walk rows of the last dim (%cols is shape[-1] for their reductions too)
+            args += self._bundle(key, tensors[key], shape, None, olds, len(shape) - 1)
         count = -(-numel // self.superblock)
         launch(team, count, [numel, cols, matrix, *args, *values], pieces(count, self.superblock))
         for key in step.writes:
