@@ -14,12 +14,11 @@ benchmarks/results/shapes_cpu.csv and shapes_cpu.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from pathlib import Path
 
 import torch
-from step_cpu import BASELINE, RESULTS, measure
+from step_cpu import BASELINE, RESULTS, measure, write_results
 
 import optgen
 
@@ -58,17 +57,15 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{label:28s} {count:4d} {name:28s} {seconds / numel * 1e9:6.2f} ns/element  x{ratio:.2f}", flush=True
             )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    header = ["shape", "tensors", "implementation", "ns_per_element", "ratio_to_fused"]
-    with (args.out_dir / "shapes_cpu.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["# setting", f"{args.threads} threads", f"torch {torch.__version__}", f"{args.rounds} rounds"])
-        writer.writerow(header)
-        writer.writerows(rows)
-    table = ["| shape | tensors | implementation | ns / element | vs torch fused AdamW |", "|---|---|---|---|---|"]
-    table += [f"| {' | '.join(row)} |" for row in rows]
-    (args.out_dir / "shapes_cpu.md").write_text("\n".join(table) + "\n")
-    print(f"wrote {args.out_dir / 'shapes_cpu.csv'} and shapes_cpu.md")
+    notes = [["# setting", f"{args.threads} threads", f"torch {torch.__version__}", f"{args.rounds} rounds"]]
+    header = {
+        "shape": "shape",
+        "tensors": "tensors",
+        "implementation": "implementation",
+        "ns_per_element": "ns / element",
+        "ratio_to_fused": "vs torch fused AdamW",
+    }
+    write_results(args.out_dir / "shapes_cpu.csv", args.out_dir / "shapes_cpu.md", notes, header, rows)
 
 
 if __name__ == "__main__":

@@ -157,22 +157,34 @@ def main(argv: list[str] | None = None) -> None:
             for name, (seconds, ratio) in results.items():
                 rows.append([label, str(count), name, f"{seconds * 1e3:.2f}", f"{ratio:.2f}"])
                 print(f"{label:42s} {count:2d} {name:40s} {seconds * 1e3:9.2f} ms  x{ratio:.2f}", flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     notes = [
         ["# machine", platform.processor() or platform.machine(), f"{os.cpu_count()} cores"],
         ["# ratio", f"median per-round ratio to {BASELINE} (same run)", f"torch {torch.__version__}"],
         ["# bandwidth", "; ".join(bandwidth)],
     ]
-    header = ["workload", "threads", "implementation", "median_ms", "ratio_to_fused"]
-    with (args.out_dir / "step_time_cpu.csv").open("w", newline="") as f:
+    header = {
+        "workload": "workload",
+        "threads": "threads",
+        "implementation": "implementation",
+        "median_ms": "median ms",
+        "ratio_to_fused": "vs torch fused AdamW",
+    }
+    write_results(args.out_dir / "step_time_cpu.csv", args.out_dir / "step_cpu.md", notes, header, rows)
+
+
+def write_results(csv_path: Path, table_path: Path, notes: list[list[str]], header: dict[str, str], rows) -> None:
+    """Rows as CSV (``#`` note lines, then the column names: ``header``'s keys) and as a markdown
+    table (columns titled by ``header``'s values)."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerows(notes)
         writer.writerow(header)
         writer.writerows(rows)
-    table = ["| workload | threads | implementation | median ms | vs torch fused AdamW |", "|---|---|---|---|---|"]
+    table = [f"| {' | '.join(header.values())} |", f"|{'---|' * len(header)}"]
     table += [f"| {' | '.join(row)} |" for row in rows]
-    (args.out_dir / "step_cpu.md").write_text("\n".join(table) + "\n")
-    print(f"wrote {args.out_dir / 'step_time_cpu.csv'} and step_cpu.md")
+    table_path.write_text("\n".join(table) + "\n")
+    print(f"wrote {csv_path} and {table_path.name}")
 
 
 if __name__ == "__main__":
