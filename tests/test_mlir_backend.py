@@ -24,6 +24,7 @@ from same_result import assert_same_result
 
 import optgen
 from optgen.cli import main
+from optgen.codegen import emit_mlir as emit_mlir_module
 from optgen.codegen.emit_mlir import emit_mlir
 from optgen.codegen.mlir_team import team_function
 from optgen.codegen.plan import make_plan
@@ -695,15 +696,20 @@ update:
         (4, "linear_nozero", False),  # arithmetic decode and encode (first + code * step, a power of two)
         (8, "linear_nozero", False),
         (4, "dynamic_exponent", True),  # a select tree
-        (8, "dynamic_exponent", True),  # buckets of float32 keys (emit_mlir._bucket_encode)
+        # portable: buckets of float32 keys (emit_mlir._bucket_encode); avx512: vector search (_search_bytes)
+        (8, "dynamic_exponent", True),
         (8, "dynamic_exponent", False),
         (8, "linear", True),
     ],
 )
-def test_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits, table, signed):
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
+def test_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits, table, signed, isa, monkeypatch):
     # Every encoder against the count of float32 midpoints below x: exactly at each midpoint, one
     # float32 ulp either side, at the table's entries, at zeros and subnormals, and at random values
     # of every magnitude; a NaN block gives the torch kernels' codes.
+    if isa == "avx512" and mlir_jit.host_isa() != "avx512":
+        pytest.skip("this CPU runs the portable variants only")
+    monkeypatch.setattr(mlir_jit, "host_isa", lambda: isa)
     path = tmp_path / "store_grad.yaml"
     stored = "grad" if signed else "abs(grad)"
     path.write_text(ENCODER_SPEC.format(bits=bits, table=table, signed=str(signed).lower(), stored=stored))
@@ -734,6 +740,9 @@ def test_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits, table, si
     grad[blocks, 1:] = torch.linspace(0, 1, 127)
     grad[blocks, 64] = float("nan")  # its block's scale is NaN: every element there decodes to NaN
     codes, scales = {}, {}
+    ran = []
+    original = mlir_jit.Kernels.functions
+    monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
     for backend in ("mlir", "torch"):
         param = torch.nn.Parameter(torch.zeros(blocks + 1, 128))
         param.grad = grad.clone()
@@ -742,6 +751,8 @@ def test_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits, table, si
             opt.step()
         codes[backend] = _codes(opt.state[param]["q"], param.numel()).view(blocks + 1, 128).long()
         scales[backend] = opt.state[param]["q"].scales
+    looked_up = emit_mlir_module._power_of_two_step(load_spec(path).state[0].store.quant) is None
+    assert ran and all(v.endswith("-avx512") == (isa == "avx512" and looked_up) for v in ran), ran
     expected = (probes[:, None] > mids[None, :]).sum(dim=1)
     assert torch.equal(codes["mlir"][:blocks, 1:].reshape(-1)[: probes.numel()], expected)
     assert torch.equal(codes["torch"][:blocks, 1:].reshape(-1)[: probes.numel()], expected)

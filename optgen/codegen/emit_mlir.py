@@ -50,6 +50,9 @@ STATS_SUPERBLOCK = 512
 # bucket of the 8-bit tables holds two midpoints, so a code is 2 gathers, not 3-4 (adamw8bit's step
 # 33 -> 28 ms per 10x1M on 1 thread; 2**18: 2-3 midpoints per bucket), for 256 KiB tables (L2)
 BUCKET_SHIFT = 16
+# top bits of an AVX-512 8-bit encode found by counting, not searching (_search_bytes): adamw8bit's
+# map on 10x1M, 1 thread: 2 levels 21.2 ms, 3: 20.0, 4: 21.4, 5: 29.0, binary search only: 23.8
+COUNTED_LEVELS = 3
 _TENSORS = ("param", "grad")
 _RELATIONS = {sympy.Eq: "oeq", sympy.Ne: "une", sympy.Lt: "olt", sympy.Le: "ole", sympy.Gt: "ogt", sympy.Ge: "oge"}
 
@@ -762,11 +765,13 @@ def _quantized_stage(
             _pack(body, i, k, buf, pairs, first_byte, length, L)
         for k, buf in buffers.items():
             absmax = f"{loop}#{fused.index(k)}" if k in fused else None
-            _requantize_blocks(body, i, k, schemes[k], quant[k][1], L, buf, start, length, globals_, absmax)
+            searched = whole and k in searches and quant[k][1] % 16 == 0
+            _requantize_blocks(body, i, k, schemes[k], quant[k][1], L, buf, start, length, globals_, absmax, searched)
 
     body.raw(f"%L = arith.constant {L} : index", 2)
     unpacked = {k: f"%unpacked_{k}" for k in quant if k in reads and schemes[k].bits == 4}
     lookups = {k: f"%decoded_{k}" for k in program.lookup_keys(layout) if k in reads} if isa == "avx512" else {}
+    searches = {k for k in program.lookup_keys(layout) if schemes[k].bits == 8} if isa == "avx512" else set()
     buffers = {k: f"%buf_{k}" for k in writes if k in quant and quant[k][0] == "block"}
     packs = {k: f"%pack_{k}" for k in writes if k in quant and k not in buffers and schemes[k].bits == 4}
     for buf in [*unpacked.values(), *packs.values()]:
@@ -892,6 +897,74 @@ def _lookup_bytes(body: Body, ind: int, key: str, buf: str, start: str, L: int, 
         ]
     body.raw(f"vector.store {slices[0]}, {buf}[%q] : memref<{L}xf32>, vector<16xf32>", k)
     body.raw("}", ind)
+
+
+def _search_bytes(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str) -> str:
+    """The 8-bit codes of 16 values (``value``: vector<16xf32>) divided by the block's ``scale``, as
+    _encode counts them (midpoints below x; NaN: none) but without its two gathers per 16 codes (AMD
+    gathers are slow: they were 2/3 of adamw8bit's step).  The top COUNTED_LEVELS bits count the
+    2**COUNTED_LEVELS - 1 midpoints that split the table evenly (independent comparisons); each
+    further bit is a binary-search level probing the 2**level midpoints the bits so far can reach,
+    looked up in registers (vpermps up to 16, vpermt2ps per 32 plus selects on the higher bits)."""
+    zero, one = body.f32(0.0), body.f32(1.0)
+    positive = body.op(f"arith.cmpf ogt, {scale}, {zero} : f32", ind)
+    safe = body.op(f"arith.select {positive}, {scale}, {one} : f32", ind)  # all-zero blocks: x / 1
+    divisor = body.op(f"vector.broadcast {safe} : f32 to vector<16xf32>", ind)
+    x = body.op(f"arith.divf {value}, {divisor} : vector<16xf32>", ind)
+    mids = _padded_midpoints(scheme)
+    levels = len(mids).bit_length()
+    ones = body.const("dense<1>", "vector<16xi32>")
+
+    def plus_one_if_below(code: str, probe: str) -> str:
+        below = body.op(f"arith.cmpf olt, {probe}, {x} : vector<16xf32>", ind)
+        plus = body.op(f"arith.addi {code}, {ones} : vector<16xi32>", ind)
+        return body.op(f"arith.select {below}, {plus}, {code} : vector<16xi1>, vector<16xi32>", ind)
+
+    code = body.const("dense<0>", "vector<16xi32>")
+    counted = 1 << (levels - COUNTED_LEVELS)
+    for k in range(1, 1 << COUNTED_LEVELS):
+        code = plus_one_if_below(code, body.const(f"dense<{f32_literal(mids[k * counted - 1])}>", "vector<16xf32>"))
+    for level in range(COUNTED_LEVELS, levels):
+        step = 1 << (levels - 1 - level)
+        nodes = [mids[k * 2 * step + step - 1] for k in range(1 << level)]  # reached by code = k
+        code = plus_one_if_below(
+            body.op(f"arith.addi {code}, {code} : vector<16xi32>", ind), _vector_lookup(body, ind, nodes, code)
+        )
+    return body.op(f"arith.trunci {code} : vector<16xi32> to vector<16xi8>", ind)
+
+
+def _vector_lookup(body: Body, ind: int, table: list[float], index: str) -> str:
+    """``table[index]`` for 16 lanes (index < len(table), a power of two): vpermps for up to 16
+    entries; else each 32-entry slice by vpermt2ps on the low 5 bits, the slice picked by the rest."""
+
+    def constant(entries: list[float]) -> str:
+        padded = entries + entries[-1:] * (16 - len(entries))
+        return body.const(f"dense<[{', '.join(f32_literal(v) for v in padded)}]>", "vector<16xf32>")
+
+    if len(table) <= 16:
+        return body.op(
+            f'llvm.call_intrinsic "llvm.x86.avx512.permvar.sf.512"({constant(table)}, {index}) : '
+            "(vector<16xf32>, vector<16xi32>) -> vector<16xf32>",
+            ind,
+        )
+    slices = [
+        body.op(
+            f'llvm.call_intrinsic "llvm.x86.avx512.vpermi2var.ps.512"({constant(table[s : s + 16])}, {index}, '
+            f"{constant(table[s + 16 : s + 32])}) : (vector<16xf32>, vector<16xi32>, vector<16xf32>) -> vector<16xf32>",
+            ind,
+        )
+        for s in range(0, len(table), 32)
+    ]
+    bit = 32
+    while len(slices) > 1:
+        mask = body.op(f"arith.andi {index}, {body.const(f'dense<{bit}>', 'vector<16xi32>')} : vector<16xi32>", ind)
+        is_set = body.op(f"arith.cmpi ne, {mask}, {body.const('dense<0>', 'vector<16xi32>')} : vector<16xi32>", ind)
+        slices = [
+            body.op(f"arith.select {is_set}, {high}, {low} : vector<16xi1>, vector<16xf32>", ind)
+            for low, high in zip(slices[::2], slices[1::2])
+        ]
+        bit *= 2
+    return slices[0]
 
 
 def _dequantize(body, ind, key, scheme, layout, where, unpacked, L, globals_, looked_up=None) -> str:
@@ -1086,9 +1159,12 @@ def _padded_midpoints(scheme: QuantScheme) -> list[float]:
     return mids + [math.inf] * ((1 << len(mids).bit_length()) - 1 - len(mids))
 
 
-def _requantize_blocks(body, ind, key, scheme, block, L, buf, start, length, globals_, absmax=None) -> None:
+def _requantize_blocks(
+    body, ind, key, scheme, block, L, buf, start, length, globals_, absmax=None, searched=False
+) -> None:
     """Per block of the super-block: absmax → new scale, then codes (4-bit: packed pairs).
-    ``absmax``: already reduced by the element loop (one block per super-block)."""
+    ``absmax``: already reduced by the element loop (one block per super-block); ``searched``: 8-bit
+    codes of whole blocks (a multiple of 16) by AVX-512 vector searches (_search_bytes)."""
     B = body.index(block)
     count = body.op(f"arith.ceildivui {length}, {B} : index", ind)
     first = body.op(f"arith.divui {start}, {B} : index", ind)
@@ -1104,7 +1180,14 @@ def _requantize_blocks(body, ind, key, scheme, block, L, buf, start, length, glo
         body.raw("}", k)
     at = body.op(f"arith.addi {first}, %b_{key} : index", k)
     body.raw(f"memref.store {absmax}, %{key}_scales[{at}] : memref<?xf32>", k)
-    if scheme.bits == 8:
+    if scheme.bits == 8 and searched:
+        body.raw(f"scf.for %j = {lo} to {hi} step {body.index(16)} {{", k)
+        x = body.op(f"vector.load {buf}[%j] : memref<{L}xf32>, vector<16xf32>", k + 1)
+        code = _search_bytes(body, k + 1, scheme, x, absmax)
+        at = body.op(f"arith.addi {start}, %j : index", k + 1)
+        body.raw(f"vector.store {code}, %{key}_codes[{at}] : memref<?xi8>, vector<16xi8>", k + 1)
+        body.raw("}", k)
+    elif scheme.bits == 8:
         body.raw(f"scf.for %j = {lo} to {hi} step %c_1 {{", k)
         x = body.op(f"memref.load {buf}[%j] : memref<{L}xf32>", k + 1)
         code = _encode(body, k + 1, scheme, x, absmax, globals_)
