@@ -846,7 +846,6 @@ def _pack(body: Body, ind: int, key: str, buf: str, pairs: str, first_byte: str,
 def _unpack_lookup(body: Body, ind: int, key: str, buf: str, first_byte: str, L: int, scheme: QuantScheme) -> None:
     """The super-block's table values (not yet scaled) into ``buf``, 16 per iteration: 8 bytes split
     into nibbles, interleaved (low nibble = even element), looked up by AVX-512's vpermps."""
-    table = body.const(f"dense<[{', '.join(f32_literal(v) for v in _padded_table(scheme, 16))}]>", "vector<16xf32>")
     body.raw(f"scf.for %q = %c_0 to {body.index(L // 2)} step {body.index(8)} {{", ind)
     k = ind + 1
     at = body.op(f"arith.addi {first_byte}, %q : index", k)
@@ -856,46 +855,22 @@ def _unpack_lookup(body: Body, ind: int, key: str, buf: str, first_byte: str, L:
     order = ", ".join(f"{e}, {e + 8}" for e in range(8))
     codes = body.op(f"vector.shuffle {low}, {high} [{order}] : vector<8xi8>, vector<8xi8>", k)
     index = body.op(f"arith.extui {codes} : vector<16xi8> to vector<16xi32>", k)
-    looked_up = body.op(
-        f'llvm.call_intrinsic "llvm.x86.avx512.permvar.sf.512"({table}, {index}) : '
-        "(vector<16xf32>, vector<16xi32>) -> vector<16xf32>",
-        k,
-    )
+    looked_up = _vector_lookup(body, k, _padded_table(scheme, 16), index)
     even = body.op("arith.shli %q, %c_1 : index", k)
     body.raw(f"vector.store {looked_up}, {buf}[{even}] : memref<{L}xf32>, vector<16xf32>", k)
     body.raw("}", ind)
 
 
 def _lookup_bytes(body: Body, ind: int, key: str, buf: str, start: str, L: int, scheme: QuantScheme) -> None:
-    """The super-block's 8-bit table values (not yet scaled) into ``buf``, 16 per iteration: each of
-    the eight 32-entry slices of the table looked up by the code's low 5 bits (vpermt2ps, two table
-    registers), then the slice picked by its top 3 bits — instead of a gather per 16 codes."""
-    values = _padded_table(scheme, 256)
-    halves = [
-        body.const(f"dense<[{', '.join(f32_literal(v) for v in values[h * 16 : h * 16 + 16])}]>", "vector<16xf32>")
-        for h in range(16)
-    ]
+    """The super-block's 8-bit table values (not yet scaled) into ``buf``, 16 per iteration, looked
+    up in registers (_vector_lookup) instead of a gather per 16 codes."""
     body.raw(f"scf.for %q = %c_0 to {body.index(L)} step {body.index(16)} {{", ind)
     k = ind + 1
     at = body.op(f"arith.addi {start}, %q : index", k)
     codes = body.op(f"vector.load %{key}_codes[{at}] : memref<?xi8>, vector<16xi8>", k)
     index = body.op(f"arith.extui {codes} : vector<16xi8> to vector<16xi32>", k)
-    slices = [
-        body.op(
-            f'llvm.call_intrinsic "llvm.x86.avx512.vpermi2var.ps.512"({halves[2 * h]}, {index}, {halves[2 * h + 1]}) : '
-            "(vector<16xf32>, vector<16xi32>, vector<16xf32>) -> vector<16xf32>",
-            k,
-        )
-        for h in range(8)
-    ]
-    for bit in (32, 64, 128):
-        mask = body.op(f"arith.andi {index}, {body.const(f'dense<{bit}>', 'vector<16xi32>')} : vector<16xi32>", k)
-        is_set = body.op(f"arith.cmpi ne, {mask}, {body.const('dense<0>', 'vector<16xi32>')} : vector<16xi32>", k)
-        slices = [
-            body.op(f"arith.select {is_set}, {high}, {low} : vector<16xi1>, vector<16xf32>", k)
-            for low, high in zip(slices[::2], slices[1::2])
-        ]
-    body.raw(f"vector.store {slices[0]}, {buf}[%q] : memref<{L}xf32>, vector<16xf32>", k)
+    looked_up = _vector_lookup(body, k, _padded_table(scheme, 256), index)
+    body.raw(f"vector.store {looked_up}, {buf}[%q] : memref<{L}xf32>, vector<16xf32>", k)
     body.raw("}", ind)
 
 
@@ -906,10 +881,7 @@ def _search_bytes(body: Body, ind: int, scheme: QuantScheme, value: str, scale: 
     2**COUNTED_LEVELS - 1 midpoints that split the table evenly (independent comparisons); each
     further bit is a binary-search level probing the 2**level midpoints the bits so far can reach,
     looked up in registers (vpermps up to 16, vpermt2ps per 32 plus selects on the higher bits)."""
-    zero, one = body.f32(0.0), body.f32(1.0)
-    positive = body.op(f"arith.cmpf ogt, {scale}, {zero} : f32", ind)
-    safe = body.op(f"arith.select {positive}, {scale}, {one} : f32", ind)  # all-zero blocks: x / 1
-    divisor = body.op(f"vector.broadcast {safe} : f32 to vector<16xf32>", ind)
+    divisor = body.op(f"vector.broadcast {_safe_scale(body, ind, scale)} : f32 to vector<16xf32>", ind)
     x = body.op(f"arith.divf {value}, {divisor} : vector<16xf32>", ind)
     mids = _padded_midpoints(scheme)
     levels = len(mids).bit_length()
@@ -1031,10 +1003,8 @@ def _element_scale(body: Body, ind: int, key: str, layout: tuple, where: dict, n
 
 def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, globals_: dict) -> str:
     """Nearest table entry of value / scale: the count of midpoints below it (NaN: none)."""
-    zero, one = body.f32(0.0), body.f32(1.0)
-    positive = body.op(f"arith.cmpf ogt, {scale}, {zero} : f32", ind)
-    safe = body.op(f"arith.select {positive}, {scale}, {one} : f32", ind)  # all-zero blocks: x / 1
-    x = body.op(f"arith.divf {value}, {safe} : f32", ind)
+    x = body.op(f"arith.divf {value}, {_safe_scale(body, ind, scale)} : f32", ind)
+    zero = body.f32(0.0)
     step = _power_of_two_step(scheme)
     if step is not None:  # midpoint i is (c + i) * d: the count below x is ceil(x / d - c), clamped
         first, d = step
@@ -1061,6 +1031,12 @@ def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, g
         moved = body.op(f"arith.ori {code}, {body.const(str(step), 'i32')} : i32", ind)
         code = body.op(f"arith.select {bits[-1]}, {moved}, {code} : i32", ind)
     return body.op(f"arith.trunci {code} : i32 to i8", ind)
+
+
+def _safe_scale(body: Body, ind: int, scale: str) -> str:
+    """The scale values are divided by: 1 for an all-zero block (0 / 1 = 0) or a NaN scale."""
+    positive = body.op(f"arith.cmpf ogt, {scale}, {body.f32(0.0)} : f32", ind)
+    return body.op(f"arith.select {positive}, {scale}, {body.f32(1.0)} : f32", ind)
 
 
 def _bucket_encode(body: Body, ind: int, scheme: QuantScheme, x: str, globals_: dict) -> str:
