@@ -333,24 +333,31 @@ def test_blocks_of_several_sizes_match_torch(tmp_path, dtype, monkeypatch):
 
 
 LOOKUP_SPECS = ["adamw4bit", "adamw4bit_block", "sgdm4bit", "adamw8bit"]  # tables decoded by lookup
+PER_TENSOR_8BIT_SPEC = RANK1_8BIT_SPEC.replace("adam_rank1_8bit", "adam_tensor_8bit").replace("rank1,", "tensor,")
 
 
 @pytest.mark.skipif(mlir_jit.host_isa() != "avx512", reason="this CPU runs the portable variants only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_avx512_variants_give_the_portable_bits(dtype, monkeypatch):
-    # the vpermps decode runs on whole super-blocks only: shapes with and without a partial last one
+def test_avx512_variants_give_the_portable_bits(tmp_path, dtype, monkeypatch):
+    # the vector decodes and 8-bit searches run on whole super-blocks only: shapes with and without a
+    # partial last one; 8-bit codes stored block-wise (adamw8bit), with rank-1 and per-tensor scales
     shapes = [(4097,), (67, 131), (3, 5, 301), (256, 384)]
+    specs = {name: None for name in LOOKUP_SPECS}
+    for name, text in (("adam_rank1_8bit", RANK1_8BIT_SPEC), ("adam_tensor_8bit", PER_TENSOR_8BIT_SPEC)):
+        specs[name] = str(tmp_path / f"{name}.yaml")
+        Path(specs[name]).write_text(text)
+    assert "bits: 8, signed: false, normalize: tensor," in PER_TENSOR_8BIT_SPEC
     ran = []
     original = mlir_jit.Kernels.functions
     monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
-    for name in LOOKUP_SPECS:
+    for name, spec in specs.items():
         ran.clear()
-        fast_params, fast_opt = _train(name, "mlir", shapes, dtype)
+        fast_params, fast_opt = _train(name, "mlir", shapes, dtype, spec=spec)
         assert any(v.endswith("-avx512") for v in ran), f"{name}: {set(ran)}"
         with monkeypatch.context() as patch:
             patch.setattr(mlir_jit, "host_isa", lambda: "portable")
             ran.clear()
-            params, opt = _train(name, "mlir", shapes, dtype)
+            params, opt = _train(name, "mlir", shapes, dtype, spec=spec)
             assert ran and not any(v.endswith("-avx512") for v in ran)
         for a, b in zip(fast_params, params):
             assert torch.equal(a, b), f"{name} {tuple(a.shape)}: params differ"

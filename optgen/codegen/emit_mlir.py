@@ -728,6 +728,8 @@ def _quantized_stage(
         for k, value in ((k, env[s]) for k, s in stores.items()):
             if k in buffers:
                 body.raw(f"memref.store {value}, {buffers[k]}[%i] : memref<{L}xf32>", j)
+            elif whole and k in searched:
+                body.raw(f"memref.store {value}, {searched[k]}[%i] : memref<{L}xf32>", j)
             elif k in quant:
                 scale = _element_scale(body, j, k, quant[k], where, new=True)
                 code = _encode(body, j, schemes[k], value, scale, globals_)
@@ -763,16 +765,30 @@ def _quantized_stage(
             body.raw("}", i)
         for k, buf in packs.items():
             _pack(body, i, k, buf, pairs, first_byte, length, L)
+        for k, buf in searched.items() if whole else ():
+            body.raw(f"scf.for %q = %c_0 to %L step {body.index(16)} {{", i)
+            value = body.op(f"vector.load {buf}[%q] : memref<{L}xf32>, vector<16xf32>", i + 1)
+            if quant[k][0] == "rank1":
+                scale = body.op(f"vector.load {scale_bufs[(k, True)]}[%q] : memref<{L}xf32>, vector<16xf32>", i + 1)
+            else:  # per tensor
+                scale = body.op(f"memref.load %{k}_new[%c_0] : memref<?xf32>", i + 1)
+                scale = body.op(f"vector.broadcast {scale} : f32 to vector<16xf32>", i + 1)
+            code = _search_bytes(body, i + 1, schemes[k], value, scale)
+            at = body.op(f"arith.addi {start}, %q : index", i + 1)
+            body.raw(f"vector.store {code}, %{k}_codes[{at}] : memref<?xi8>, vector<16xi8>", i + 1)
+            body.raw("}", i)
         for k, buf in buffers.items():
             absmax = f"{loop}#{fused.index(k)}" if k in fused else None
-            searched = whole and k in searches and quant[k][1] % 16 == 0
-            _requantize_blocks(body, i, k, schemes[k], quant[k][1], L, buf, start, length, globals_, absmax, searched)
+            vectorized = whole and k in searches and quant[k][1] % 16 == 0
+            _requantize_blocks(body, i, k, schemes[k], quant[k][1], L, buf, start, length, globals_, absmax, vectorized)
 
     body.raw(f"%L = arith.constant {L} : index", 2)
     unpacked = {k: f"%unpacked_{k}" for k in quant if k in reads and schemes[k].bits == 4}
     lookups = {k: f"%decoded_{k}" for k in program.lookup_keys(layout) if k in reads} if isa == "avx512" else {}
     searches = {k for k in program.lookup_keys(layout) if schemes[k].bits == 8} if isa == "avx512" else set()
     buffers = {k: f"%buf_{k}" for k in writes if k in quant and quant[k][0] == "block"}
+    # 8-bit rank-1 / per-tensor stores of whole super-blocks: values kept, then coded 16 at a time
+    searched = {k: f"%buf_{k}" for k in writes if k in searches and k not in buffers and norm is None}
     packs = {k: f"%pack_{k}" for k in writes if k in quant and k not in buffers and schemes[k].bits == 4}
     for buf in [*unpacked.values(), *packs.values()]:
         body.raw(f"{buf} = memref.alloca() : memref<{L}xi8>", 2)
@@ -781,7 +797,7 @@ def _quantized_stage(
         for k in (k for k in quant if quant[k][0] == "rank1"):
             scale_bufs |= {(k, False): f"%scale_{k}_old"} if k in reads else {}
             scale_bufs |= {(k, True): f"%scale_{k}_new"} if k in stores else {}
-    for buf in [*buffers.values(), *scale_bufs.values(), *lookups.values()]:
+    for buf in [*buffers.values(), *searched.values(), *scale_bufs.values(), *lookups.values()]:
         body.raw(f"{buf} = memref.alloca() : memref<{L}xf32>", 2)
     gathered = program.gathered(stage, body, L)
     body.raw("scf.for %sb = %lo to %hi step %c_1 {", 2)
@@ -875,14 +891,13 @@ def _lookup_bytes(body: Body, ind: int, key: str, buf: str, start: str, L: int, 
 
 
 def _search_bytes(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str) -> str:
-    """The 8-bit codes of 16 values (``value``: vector<16xf32>) divided by the block's ``scale``, as
+    """The 8-bit codes of 16 values divided by their scales (both vector<16xf32>), as
     _encode counts them (midpoints below x; NaN: none) but without its two gathers per 16 codes (AMD
     gathers are slow: they were 2/3 of adamw8bit's step).  The top COUNTED_LEVELS bits count the
     2**COUNTED_LEVELS - 1 midpoints that split the table evenly (independent comparisons); each
     further bit is a binary-search level probing the 2**level midpoints the bits so far can reach,
     looked up in registers (vpermps up to 16, vpermt2ps per 32 plus selects on the higher bits)."""
-    divisor = body.op(f"vector.broadcast {_safe_scale(body, ind, scale)} : f32 to vector<16xf32>", ind)
-    x = body.op(f"arith.divf {value}, {divisor} : vector<16xf32>", ind)
+    x = body.op(f"arith.divf {value}, {_safe_scale(body, ind, scale, 'vector<16xf32>')} : vector<16xf32>", ind)
     mids = _padded_midpoints(scheme)
     levels = len(mids).bit_length()
     ones = body.const("dense<1>", "vector<16xi32>")
@@ -1033,10 +1048,16 @@ def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, g
     return body.op(f"arith.trunci {code} : i32 to i8", ind)
 
 
-def _safe_scale(body: Body, ind: int, scale: str) -> str:
+def _safe_scale(body: Body, ind: int, scale: str, type_: str = "f32") -> str:
     """The scale values are divided by: 1 for an all-zero block (0 / 1 = 0) or a NaN scale."""
-    positive = body.op(f"arith.cmpf ogt, {scale}, {body.f32(0.0)} : f32", ind)
-    return body.op(f"arith.select {positive}, {scale}, {body.f32(1.0)} : f32", ind)
+    if type_ == "f32":
+        zero, one = body.f32(0.0), body.f32(1.0)
+    else:
+        zero, one = body.const("dense<0.0>", type_), body.const("dense<1.0>", type_)
+    positive = body.op(f"arith.cmpf ogt, {scale}, {zero} : {type_}", ind)
+    return body.op(
+        f"arith.select {positive}, {scale}, {one} : {'vector<16xi1>, ' if type_ != 'f32' else ''}{type_}", ind
+    )
 
 
 def _bucket_encode(body: Body, ind: int, scheme: QuantScheme, x: str, globals_: dict) -> str:
@@ -1159,7 +1180,8 @@ def _requantize_blocks(
     if scheme.bits == 8 and searched:
         body.raw(f"scf.for %j = {lo} to {hi} step {body.index(16)} {{", k)
         x = body.op(f"vector.load {buf}[%j] : memref<{L}xf32>, vector<16xf32>", k + 1)
-        code = _search_bytes(body, k + 1, scheme, x, absmax)
+        scale = body.op(f"vector.broadcast {absmax} : f32 to vector<16xf32>", k + 1)
+        code = _search_bytes(body, k + 1, scheme, x, scale)
         at = body.op(f"arith.addi {start}, %j : index", k + 1)
         body.raw(f"vector.store {code}, %{key}_codes[{at}] : memref<?xi8>, vector<16xi8>", k + 1)
         body.raw("}", k)
