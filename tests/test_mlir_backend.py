@@ -110,6 +110,14 @@ def _assert_states_match(state_a: dict, state_b: dict, numel: int, where: str) -
     return quantized
 
 
+def _variants_run(monkeypatch) -> list[str]:
+    """The names of the kernel variants the MLIR backend looks up from now on, in order."""
+    ran: list[str] = []
+    original = mlir_jit.Kernels.functions
+    monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
+    return ran
+
+
 def _compare(name: str, dtype: torch.dtype, shapes, monkeypatch, spec: str | None = None) -> None:
     counter = Launches(monkeypatch, mlir_jit)
     mlir_params, mlir_opt = _train(name, "mlir", shapes, dtype, spec=spec)
@@ -160,9 +168,7 @@ def test_routed_fallback_specs_match_torch(name, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_small_tensors_keep_float_state_on_the_mlir_kernels(name, dtype, monkeypatch):
     # tensors of at most keep_full_precision elements hold float32 state: the "<dtype>-float" variant
-    ran = []
-    original = mlir_jit.Kernels.functions
-    monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
+    ran = _variants_run(monkeypatch)
     shapes = [(1,), (768,), (64, 64), (4096,)]
     _compare(name, dtype, shapes, monkeypatch)
     assert set(ran) == {f"{str(dtype).removeprefix('torch.')}-float"}, set(ran)
@@ -347,9 +353,7 @@ def test_avx512_variants_give_the_portable_bits(tmp_path, dtype, monkeypatch):
         specs[name] = str(tmp_path / f"{name}.yaml")
         Path(specs[name]).write_text(text)
     assert "bits: 8, signed: false, normalize: tensor," in PER_TENSOR_8BIT_SPEC
-    ran = []
-    original = mlir_jit.Kernels.functions
-    monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
+    ran = _variants_run(monkeypatch)
     for name, spec in specs.items():
         ran.clear()
         fast_params, fast_opt = _train(name, "mlir", shapes, dtype, spec=spec)
@@ -409,9 +413,7 @@ def test_every_code_decodes_to_its_table_entry(tmp_path, bits, table, signed, is
     state.codes.copy_(packed)
     state.scales.fill_(1.0)
     param.data.zero_()
-    ran = []
-    original = mlir_jit.Kernels.functions
-    monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
+    ran = _variants_run(monkeypatch)
     opt.step()
     assert ran and all(v.endswith("-avx512") == (isa == "avx512") for v in ran), ran
     assert torch.equal(param.detach(), values[codes])
@@ -747,9 +749,7 @@ def test_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits, table, si
     grad[blocks, 1:] = torch.linspace(0, 1, 127)
     grad[blocks, 64] = float("nan")  # its block's scale is NaN: every element there decodes to NaN
     codes, scales = {}, {}
-    ran = []
-    original = mlir_jit.Kernels.functions
-    monkeypatch.setattr(mlir_jit.Kernels, "functions", lambda self, v: ran.append(v) or original(self, v))
+    ran = _variants_run(monkeypatch)
     for backend in ("mlir", "torch"):
         param = torch.nn.Parameter(torch.zeros(blocks + 1, 128))
         param.grad = grad.clone()

@@ -568,8 +568,9 @@ def _quantized_stage(
     byte inside the element loop), a rank-1 layout walks row segments (row scale fixed, column
     scales contiguous: no integer division per element), and codes come from comparisons with
     constant midpoints rather than a data-dependent search.  ``isa="avx512"``: a whole super-block's
-    4-bit codes of a table without arithmetic form are decoded 16 at a time by vpermps (the table in
-    one register) into a float buffer, instead of a 15-select tree per element in the element loop."""
+    codes of a table without arithmetic form are decoded 16 at a time by register lookups into a float
+    buffer, instead of a 15-select tree (4-bit) or a gather (8-bit) in the element loop, and 8-bit
+    codes are encoded 16 at a time by a search in registers (_search_bytes) instead of gathers."""
     names = program.tensors(stage)
     writes = program.writes(stage)
     scalars = program.scalars_of(stage)
@@ -1157,10 +1158,10 @@ def _padded_midpoints(scheme: QuantScheme) -> list[float]:
 
 
 def _requantize_blocks(
-    body, ind, key, scheme, block, L, buf, start, length, globals_, absmax=None, searched=False
+    body, ind, key, scheme, block, L, buf, start, length, globals_, absmax=None, vectorized=False
 ) -> None:
     """Per block of the super-block: absmax → new scale, then codes (4-bit: packed pairs).
-    ``absmax``: already reduced by the element loop (one block per super-block); ``searched``: 8-bit
+    ``absmax``: already reduced by the element loop (one block per super-block); ``vectorized``: 8-bit
     codes of whole blocks (a multiple of 16) by AVX-512 vector searches (_search_bytes)."""
     B = body.index(block)
     count = body.op(f"arith.ceildivui {length}, {B} : index", ind)
@@ -1177,7 +1178,7 @@ def _requantize_blocks(
         body.raw("}", k)
     at = body.op(f"arith.addi {first}, %b_{key} : index", k)
     body.raw(f"memref.store {absmax}, %{key}_scales[{at}] : memref<?xf32>", k)
-    if scheme.bits == 8 and searched:
+    if scheme.bits == 8 and vectorized:
         body.raw(f"scf.for %j = {lo} to {hi} step {body.index(16)} {{", k)
         x = body.op(f"vector.load {buf}[%j] : memref<{L}xf32>, vector<16xf32>", k + 1)
         scale = body.op(f"vector.broadcast {absmax} : f32 to vector<16xf32>", k + 1)
