@@ -118,6 +118,13 @@ def _variants_run(monkeypatch) -> list[str]:
     return ran
 
 
+def _use_isa(isa: str, monkeypatch) -> None:
+    """Run the ``isa`` variants from now on (skip where this CPU cannot run them)."""
+    if isa == "avx512" and mlir_jit.host_isa() != "avx512":
+        pytest.skip("this CPU runs the portable variants only")
+    monkeypatch.setattr(mlir_jit, "host_isa", lambda: isa)
+
+
 def _compare(name: str, dtype: torch.dtype, shapes, monkeypatch, spec: str | None = None) -> None:
     counter = Launches(monkeypatch, mlir_jit)
     mlir_params, mlir_opt = _train(name, "mlir", shapes, dtype, spec=spec)
@@ -393,9 +400,7 @@ update:
 def test_every_code_decodes_to_its_table_entry(tmp_path, bits, table, signed, isa, monkeypatch):
     # each code of the table in every position of a block (whole and partial super-blocks), scale 1:
     # the parameter becomes the table entry, as written in optgen.codegen.quant
-    if isa == "avx512" and mlir_jit.host_isa() != "avx512":
-        pytest.skip("this CPU runs the portable variants only")
-    monkeypatch.setattr(mlir_jit, "host_isa", lambda: isa)
+    _use_isa(isa, monkeypatch)
     path = tmp_path / "add_state.yaml"
     path.write_text(DECODE_SPEC.format(bits=bits, table=table, signed=str(signed).lower()))
     values = torch.tensor(load_spec(path).state[0].store.quant.values, dtype=torch.float32)
@@ -716,9 +721,7 @@ def test_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits, table, si
     # Every encoder against the count of float32 midpoints below x: exactly at each midpoint, one
     # float32 ulp either side, at the table's entries, at zeros and subnormals, and at random values
     # of every magnitude; a NaN block gives the torch kernels' codes.
-    if isa == "avx512" and mlir_jit.host_isa() != "avx512":
-        pytest.skip("this CPU runs the portable variants only")
-    monkeypatch.setattr(mlir_jit, "host_isa", lambda: isa)
+    _use_isa(isa, monkeypatch)
     path = tmp_path / "store_grad.yaml"
     stored = "grad" if signed else "abs(grad)"
     path.write_text(ENCODER_SPEC.format(bits=bits, table=table, signed=str(signed).lower(), stored=stored))

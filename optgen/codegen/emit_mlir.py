@@ -767,17 +767,13 @@ def _quantized_stage(
         for k, buf in packs.items():
             _pack(body, i, k, buf, pairs, first_byte, length, L)
         for k, buf in searched.items() if whole else ():
-            body.raw(f"scf.for %q = %c_0 to %L step {body.index(16)} {{", i)
-            value = body.op(f"vector.load {buf}[%q] : memref<{L}xf32>, vector<16xf32>", i + 1)
-            if quant[k][0] == "rank1":
-                scale = body.op(f"vector.load {scale_bufs[(k, True)]}[%q] : memref<{L}xf32>, vector<16xf32>", i + 1)
-            else:  # per tensor
-                scale = body.op(f"memref.load %{k}_new[%c_0] : memref<?xf32>", i + 1)
-                scale = body.op(f"vector.broadcast {scale} : f32 to vector<16xf32>", i + 1)
-            code = _search_bytes(body, i + 1, schemes[k], value, scale)
-            at = body.op(f"arith.addi {start}, %q : index", i + 1)
-            body.raw(f"vector.store {code}, %{k}_codes[{at}] : memref<?xi8>, vector<16xi8>", i + 1)
-            body.raw("}", i)
+            if quant[k][0] == "rank1":  # the super-block's scale buffer
+                _search_store(
+                    body, i, k, schemes[k], buf, L, start, "%c_0", "%L", scale_bufs[(k, True)], per_value=True
+                )
+            else:  # one scale per tensor
+                scale = body.op(f"memref.load %{k}_new[%c_0] : memref<?xf32>", i)
+                _search_store(body, i, k, schemes[k], buf, L, start, "%c_0", "%L", scale)
         for k, buf in buffers.items():
             absmax = f"{loop}#{fused.index(k)}" if k in fused else None
             vectorized = whole and k in searches and quant[k][1] % 16 == 0
@@ -921,6 +917,33 @@ def _search_bytes(body: Body, ind: int, scheme: QuantScheme, value: str, scale: 
     return body.op(f"arith.trunci {code} : vector<16xi32> to vector<16xi8>", ind)
 
 
+def _search_store(
+    body: Body,
+    ind: int,
+    key: str,
+    scheme: QuantScheme,
+    buf: str,
+    L: int,
+    start: str,
+    lo: str,
+    hi: str,
+    scale: str,
+    per_value: bool = False,
+) -> None:
+    """8-bit codes of the super-block's values ``buf``[lo, hi), 16 at a time (_search_bytes), stored
+    for elements start + lo ...; ``scale``: one f32 for them all, or (``per_value``) a buffer like ``buf``."""
+    body.raw(f"scf.for %q = {lo} to {hi} step {body.index(16)} {{", ind)
+    value = body.op(f"vector.load {buf}[%q] : memref<{L}xf32>, vector<16xf32>", ind + 1)
+    if per_value:
+        scales = body.op(f"vector.load {scale}[%q] : memref<{L}xf32>, vector<16xf32>", ind + 1)
+    else:
+        scales = body.op(f"vector.broadcast {scale} : f32 to vector<16xf32>", ind + 1)
+    code = _search_bytes(body, ind + 1, scheme, value, scales)
+    at = body.op(f"arith.addi {start}, %q : index", ind + 1)
+    body.raw(f"vector.store {code}, %{key}_codes[{at}] : memref<?xi8>, vector<16xi8>", ind + 1)
+    body.raw("}", ind)
+
+
 def _vector_lookup(body: Body, ind: int, table: list[float], index: str) -> str:
     """``table[index]`` for 16 lanes (index < len(table), a power of two): vpermps for up to 16
     entries; else each 32-entry slice by vpermt2ps on the low 5 bits, the slice picked by the rest."""
@@ -1050,15 +1073,14 @@ def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, g
 
 
 def _safe_scale(body: Body, ind: int, scale: str, type_: str = "f32") -> str:
-    """The scale values are divided by: 1 for an all-zero block (0 / 1 = 0) or a NaN scale."""
+    """The scale values are divided by: 1 for an all-zero block (0 / 1 = 0) or a NaN scale
+    (``type_``: f32, or vector<16xf32> for 16 scales)."""
     if type_ == "f32":
-        zero, one = body.f32(0.0), body.f32(1.0)
+        zero, one, condition = body.f32(0.0), body.f32(1.0), ""
     else:
-        zero, one = body.const("dense<0.0>", type_), body.const("dense<1.0>", type_)
+        zero, one, condition = body.const("dense<0.0>", type_), body.const("dense<1.0>", type_), "vector<16xi1>, "
     positive = body.op(f"arith.cmpf ogt, {scale}, {zero} : {type_}", ind)
-    return body.op(
-        f"arith.select {positive}, {scale}, {one} : {'vector<16xi1>, ' if type_ != 'f32' else ''}{type_}", ind
-    )
+    return body.op(f"arith.select {positive}, {scale}, {one} : {condition}{type_}", ind)
 
 
 def _bucket_encode(body: Body, ind: int, scheme: QuantScheme, x: str, globals_: dict) -> str:
@@ -1179,13 +1201,7 @@ def _requantize_blocks(
     at = body.op(f"arith.addi {first}, %b_{key} : index", k)
     body.raw(f"memref.store {absmax}, %{key}_scales[{at}] : memref<?xf32>", k)
     if scheme.bits == 8 and vectorized:
-        body.raw(f"scf.for %j = {lo} to {hi} step {body.index(16)} {{", k)
-        x = body.op(f"vector.load {buf}[%j] : memref<{L}xf32>, vector<16xf32>", k + 1)
-        scale = body.op(f"vector.broadcast {absmax} : f32 to vector<16xf32>", k + 1)
-        code = _search_bytes(body, k + 1, scheme, x, scale)
-        at = body.op(f"arith.addi {start}, %j : index", k + 1)
-        body.raw(f"vector.store {code}, %{key}_codes[{at}] : memref<?xi8>, vector<16xi8>", k + 1)
-        body.raw("}", k)
+        _search_store(body, k, key, scheme, buf, L, start, lo, hi, absmax)
     elif scheme.bits == 8:
         body.raw(f"scf.for %j = {lo} to {hi} step %c_1 {{", k)
         x = body.op(f"memref.load {buf}[%j] : memref<{L}xf32>", k + 1)
