@@ -494,6 +494,62 @@ def test_updates_in_place(name, monkeypatch):
     assert counter.launches
 
 
+def _record_runs_and_launches(monkeypatch) -> list[str]:
+    events: list[str] = []
+    run, launch = mlir_jit.Kernels.run, mlir_jit.launch
+
+    def recorded_run(self, *args):
+        events.append("made")
+        run(self, *args)
+
+    def recorded_launch(*args):
+        events.append("launched")
+        launch(*args)
+
+    monkeypatch.setattr(mlir_jit.Kernels, "run", recorded_run)
+    monkeypatch.setattr(mlir_jit, "launch", recorded_launch)
+    return events
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw4bit"])
+def test_a_step_makes_every_launch_before_running_any(name, monkeypatch):
+    # between kernels that stream megabytes Python runs with cold caches, so opt.step() makes each
+    # parameter's launches first and runs them back to back after the last; a direct call of the
+    # generated update runs its parameter's launches at once
+    events = _record_runs_and_launches(monkeypatch)
+    params, grads = _inputs([(67, 131), (5000,), (3, 5, 301)], torch.float32, steps=1)
+    for param, grad in zip(params, grads[0]):
+        param.grad = grad
+    opt = optgen.load(name)(params, lr=LR, backend="mlir")
+    opt.step()
+    assert events[:3] == ["made"] * 3 and set(events[3:]) == {"launched"} and len(events) >= 6, events
+    events.clear()
+    program, group = opt.programs[0], opt.param_groups[0]
+    update = program.module("mlir").update
+    for param in params:
+        update(param, param.grad, opt.state[param], opt._hyper_tensors(group, program))
+    assert events[0] == "made" and events[1] == "launched" and events.count("made") == 3, events
+
+
+def test_parameters_before_a_failing_one_are_still_stepped(monkeypatch):
+    # their step counters were advanced when their launches were made: the queue runs on an error too
+    counter = Launches(monkeypatch, mlir_jit)
+    params, grads = _inputs([(67, 131), (67, 131)], torch.float32, steps=1)
+    alone = params[0].detach().clone().requires_grad_()
+    params[0].grad, alone.grad = grads[0][0], grads[0][0].clone()
+    params[1].grad = grads[0][1].to_sparse()
+    opt = optgen.load("adamw4bit")(params, lr=LR, backend="mlir")
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert counter.launches, "the first parameter's launches did not run"
+    reference = optgen.load("adamw4bit")([alone], lr=LR, backend="mlir")
+    reference.step()
+    assert_same_result(
+        "adamw4bit", (params[0].detach(), opt.state[params[0]]), (alone.detach(), reference.state[alone])
+    )
+    assert not opt.state[params[1]]
+
+
 def test_threads_give_the_same_result_as_one_thread(monkeypatch):
     # big enough that every launch is split (MIN_ELEMENTS_PER_THREAD elements per piece at least)
     shape = (300, 457)

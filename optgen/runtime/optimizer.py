@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from optgen.runtime import distributed
+from optgen.runtime import distributed, mlir_jit
 from optgen.runtime.state import QuantizedState
 
 # "auto" picks per parameter: triton for CUDA tensors, mlir for CPU tensors, where the package has
@@ -142,28 +142,29 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         spread = []  # sharded parameters with matrix stages: stepped together, see _step_spread
-        for group in self.param_groups:
-            tensors: dict[str, Any] = {}
-            for param in group["params"]:
-                grad = param.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                program = self._program_for(param, group)
-                hyper = tensors.get(program.name)
-                if hyper is None:
-                    hyper = tensors[program.name] = self._hyper_tensors(group, program)
-                sharding = distributed.sharding_of(param)
-                if sharding is None:
-                    self._kernel(program, param)(param, grad, self._prepare(program, param, hyper, None), hyper)
-                elif program.whole_matrix:
-                    spread.append((program, param, grad, hyper, sharding))
-                else:  # statistics of the whole tensor are all-reduced inside the kernels
-                    with distributed.sharded(sharding):
-                        state = self._prepare(program, param, hyper, sharding)
-                        local_param = distributed.local(param)
-                        self._kernel(program, local_param)(local_param, distributed.local(grad), state, hyper)
+        with mlir_jit.deferred():  # MLIR launches are made per parameter, then run back to back
+            for group in self.param_groups:
+                tensors: dict[str, Any] = {}
+                for param in group["params"]:
+                    grad = param.grad
+                    if grad is None:
+                        continue
+                    if grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    program = self._program_for(param, group)
+                    hyper = tensors.get(program.name)
+                    if hyper is None:
+                        hyper = tensors[program.name] = self._hyper_tensors(group, program)
+                    sharding = distributed.sharding_of(param)
+                    if sharding is None:
+                        self._kernel(program, param)(param, grad, self._prepare(program, param, hyper, None), hyper)
+                    elif program.whole_matrix:
+                        spread.append((program, param, grad, hyper, sharding))
+                    else:  # statistics of the whole tensor are all-reduced inside the kernels
+                        with distributed.sharded(sharding):
+                            state = self._prepare(program, param, hyper, sharding)
+                            local_param = distributed.local(param)
+                            self._kernel(program, local_param)(local_param, distributed.local(grad), state, hyper)
         self._step_spread(spread)
         return loss
 
