@@ -359,6 +359,7 @@ class Kernels:
                 # scales' layout), each on cache lines of its own: threads sharing a line at the seams
                 # stalled each other on every matrix row (1000x1000 stats on 2 threads: 1.25x -> 1.8x one's speed)
                 maxima = torch.zeros(split, _whole_lines(total))
+                held.append(maxima)
                 base, width = maxima.data_ptr(), maxima.shape[1]
                 outputs = [(base + 4 * sum(sizes[:i]), width) for i in range(len(sizes))]  # width: a piece's stride
                 team = functions[f"{stage.name}_team"]
@@ -367,6 +368,7 @@ class Kernels:
                     merged = maxima[0, :total]
                 else:
                     merged = torch.empty(total)
+                    held.append(merged)
                     calls.append(functools.partial(torch.amax, maxima[:, :total], dim=0, out=merged))  # keeps NaN
                 if normalize == "tensor":
                     new[stage.target] = merged, (memref(merged),)
@@ -375,7 +377,7 @@ class Kernels:
                 else:  # N-d rank-1: per-dim maxima and the kernels' scales made from the merged maxima
                     stored = torch.empty(sum(shape))
                     kernel = (torch.empty(numel // cols), torch.empty(cols))
-                    held += [merged, stored, *kernel]
+                    held += [stored, *kernel]
                     calls.append(functools.partial(_new_scales, merged, sizes, shape, cut, stored, kernel))
                     new[stage.target] = stored, tuple(memref(t) for t in kernel)
                 continue
@@ -383,7 +385,8 @@ class Kernels:
             calls.append(functools.partial(launch, team, count, [*fixed, *args, *values], split))
             for key in stage.writes:
                 if isinstance(tensors[key], QuantizedState):
-                    finish.append(functools.partial(_store_scales, tensors[key], new.get(key, (None,))[0], shape))
+                    stored = new[key][0] if key in new else None
+                    finish.append(functools.partial(_store_scales, tensors[key], stored, shape))
         return _Job(calls, finish, held)
 
     @staticmethod
