@@ -532,12 +532,12 @@ class deferred:
     The queue runs even when the block raises (the parameters before it had their step counted)."""
 
     def __enter__(self) -> None:
-        self.outer = getattr(_DEFERRED, "jobs", None)
-        if self.outer is None:
+        self.outermost = getattr(_DEFERRED, "jobs", None) is None  # a nested block joins the outer queue
+        if self.outermost:
             _DEFERRED.jobs = []
 
     def __exit__(self, *exc) -> None:
-        if self.outer is None:
+        if self.outermost:
             jobs, _DEFERRED.jobs = _DEFERRED.jobs, None
             _run_jobs(jobs)
 
