@@ -118,11 +118,19 @@ def _variants_run(monkeypatch) -> list[str]:
     return ran
 
 
+HOSTS_RUNNING = {"avx512": ("avx512",), "avx2": ("avx2", "avx512")}  # an AVX-512 CPU has AVX2 too
+
+
 def _use_isa(isa: str, monkeypatch) -> None:
     """Run the ``isa`` variants from now on (skip where this CPU cannot run them)."""
-    if isa == "avx512" and mlir_jit.host_isa() != "avx512":
-        pytest.skip("this CPU runs the portable variants only")
+    if isa != "portable" and mlir_jit.host_isa() not in HOSTS_RUNNING[isa]:
+        pytest.skip(f"this CPU cannot run the {isa} variants")
     monkeypatch.setattr(mlir_jit, "host_isa", lambda: isa)
+
+
+def _has_variant(isa: str, bits: int) -> bool:
+    """Whether a spec whose only table without arithmetic form has ``bits`` gets ``isa`` variants."""
+    return isa == "avx512" or (isa == "avx2" and bits == 4)
 
 
 def _compare(name: str, dtype: torch.dtype, shapes, monkeypatch, spec: str | None = None) -> None:
@@ -349,27 +357,30 @@ LOOKUP_SPECS = ["adamw4bit", "adamw4bit_block", "sgdm4bit", "adamw8bit"]  # tabl
 PER_TENSOR_8BIT_SPEC = RANK1_8BIT_SPEC.replace("adam_rank1_8bit", "adam_tensor_8bit").replace("rank1,", "tensor,")
 
 
-@pytest.mark.skipif(mlir_jit.host_isa() != "avx512", reason="this CPU runs the portable variants only")
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_avx512_variants_give_the_portable_bits(tmp_path, dtype, monkeypatch):
-    # the vector decodes and 8-bit searches run on whole super-blocks only: shapes with and without a
-    # partial last one; 8-bit codes stored block-wise (adamw8bit), with rank-1 and per-tensor scales
+def test_vector_variants_give_the_portable_bits(tmp_path, dtype, isa, monkeypatch):
+    # the vector decodes and searches run on whole super-blocks only: shapes with and without a
+    # partial last one; 8-bit codes (AVX-512 only) stored block-wise (adamw8bit), with rank-1 and
+    # per-tensor scales
+    _use_isa(isa, monkeypatch)
     shapes = [(4097,), (67, 131), (3, 5, 301), (256, 384)]
-    specs = {name: None for name in LOOKUP_SPECS}
-    for name, text in (("adam_rank1_8bit", RANK1_8BIT_SPEC), ("adam_tensor_8bit", PER_TENSOR_8BIT_SPEC)):
-        specs[name] = str(tmp_path / f"{name}.yaml")
-        Path(specs[name]).write_text(text)
-    assert "bits: 8, signed: false, normalize: tensor," in PER_TENSOR_8BIT_SPEC
+    specs = {name: None for name in LOOKUP_SPECS if _has_variant(isa, 8 if "8bit" in name else 4)}
+    if isa == "avx512":
+        for name, text in (("adam_rank1_8bit", RANK1_8BIT_SPEC), ("adam_tensor_8bit", PER_TENSOR_8BIT_SPEC)):
+            specs[name] = str(tmp_path / f"{name}.yaml")
+            Path(specs[name]).write_text(text)
+        assert "bits: 8, signed: false, normalize: tensor," in PER_TENSOR_8BIT_SPEC
     ran = _variants_run(monkeypatch)
     for name, spec in specs.items():
         ran.clear()
         fast_params, fast_opt = _train(name, "mlir", shapes, dtype, spec=spec)
-        assert any(v.endswith("-avx512") for v in ran), f"{name}: {set(ran)}"
+        assert any(v.endswith(f"-{isa}") for v in ran), f"{name}: {set(ran)}"
         with monkeypatch.context() as patch:
             patch.setattr(mlir_jit, "host_isa", lambda: "portable")
             ran.clear()
             params, opt = _train(name, "mlir", shapes, dtype, spec=spec)
-            assert ran and not any(v.endswith("-avx512") for v in ran)
+            assert ran and not any(v.endswith(f"-{isa}") for v in ran)
         for a, b in zip(fast_params, params):
             assert torch.equal(a, b), f"{name} {tuple(a.shape)}: params differ"
             for key, value in opt.state[b].items():
@@ -396,7 +407,7 @@ update:
 
 
 @pytest.mark.parametrize("bits, table, signed", [(4, "dynamic_exponent", True), (8, "dynamic_exponent", True)])
-@pytest.mark.parametrize("isa", ["avx512", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_every_code_decodes_to_its_table_entry(tmp_path, bits, table, signed, isa, monkeypatch):
     # each code of the table in every position of a block (whole and partial super-blocks), scale 1:
     # the parameter becomes the table entry, as written in optgen.codegen.quant
@@ -420,7 +431,7 @@ def test_every_code_decodes_to_its_table_entry(tmp_path, bits, table, signed, is
     param.data.zero_()
     ran = _variants_run(monkeypatch)
     opt.step()
-    assert ran and all(v.endswith("-avx512") == (isa == "avx512") for v in ran), ran
+    assert ran and all(v.endswith(f"-{isa}") == _has_variant(isa, bits) for v in ran), ran
     assert torch.equal(param.detach(), values[codes])
 
 
@@ -708,13 +719,16 @@ def test_show_mlir_prints_the_modules(capsys):
     for variant in ("float32-nd", "float32-flat", "bfloat16-nd", "bfloat16-flat"):
         assert f"// adamw4bit, variant {variant} (" in out
         assert f"// adamw4bit, variant {variant}-avx512 (" in out  # m's table looked up by vpermps
+        assert f"// adamw4bit, variant {variant}-avx2 (" in out
     for variant in ("float32-float", "bfloat16-float"):  # small tensors: state kept in float32
         assert f"// adamw4bit, variant {variant} (" in out
     assert (
-        out.count("func.func @map_1(") == 10
-        and out.count("func.func @map_1_team(") == 10
-        and out.count("func.func @stats_0(") == 4  # rank-1 scales: nd variants only
+        out.count("func.func @map_1(") == 14
+        and out.count("func.func @map_1_team(") == 14
+        and out.count("func.func @stats_0(") == 6  # rank-1 scales: nd variants only
         and out.count("llvm.x86.avx512.permvar.sf.512") == 4
+        # AVX2, per variant: the decode (2 halves x 2 table halves), the encode (2 halves x 3 levels)
+        and out.count("llvm.x86.avx2.permps") == 4 * 10
         and "arith.truncf" in out
         and "memref<?xi8>" in out
     )
@@ -762,14 +776,14 @@ update:
     [
         (4, "linear_nozero", False),  # arithmetic decode and encode (first + code * step, a power of two)
         (8, "linear_nozero", False),
-        (4, "dynamic_exponent", True),  # a select tree
+        (4, "dynamic_exponent", True),  # portable: a select tree; avx512 too; avx2: vector search
         # portable: buckets of float32 keys (emit_mlir._bucket_encode); avx512: vector search (_search_bytes)
         (8, "dynamic_exponent", True),
         (8, "dynamic_exponent", False),
         (8, "linear", True),
     ],
 )
-@pytest.mark.parametrize("isa", ["avx512", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits, table, signed, isa, monkeypatch):
     # Every encoder against the count of float32 midpoints below x: exactly at each midpoint, one
     # float32 ulp either side, at the table's entries, at zeros and subnormals, and at random values
@@ -815,7 +829,7 @@ def test_codes_are_the_nearest_entry_at_every_midpoint(tmp_path, bits, table, si
         codes[backend] = _codes(opt.state[param]["q"], param.numel()).view(blocks + 1, 128).long()
         scales[backend] = opt.state[param]["q"].scales
     looked_up = emit_mlir_module._power_of_two_step(load_spec(path).state[0].store.quant) is None
-    assert ran and all(v.endswith("-avx512") == (isa == "avx512" and looked_up) for v in ran), ran
+    assert ran and all(v.endswith(f"-{isa}") == (looked_up and _has_variant(isa, bits)) for v in ran), ran
     expected = (probes[:, None] > mids[None, :]).sum(dim=1)
     assert torch.equal(codes["mlir"][:blocks, 1:].reshape(-1)[: probes.numel()], expected)
     assert torch.equal(codes["torch"][:blocks, 1:].reshape(-1)[: probes.numel()], expected)

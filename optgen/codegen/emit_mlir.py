@@ -53,6 +53,7 @@ BUCKET_SHIFT = 16
 # top bits of an AVX-512 8-bit encode found by counting, not searching (_search_bytes): adamw8bit's
 # map on 10x1M, 1 thread: 2 levels 21.2 ms, 3: 20.0, 4: 21.4, 5: 29.0, binary search only: 23.8
 COUNTED_LEVELS = 3
+LOOKUP_ISAS = ("avx512", "avx2")  # instruction sets with variants that decode codes by register lookups
 _TENSORS = ("param", "grad")
 _RELATIONS = {sympy.Eq: "oeq", sympy.Ne: "une", sympy.Lt: "olt", sympy.Le: "ole", sympy.Gt: "ogt", sympy.Ge: "oge"}
 
@@ -157,25 +158,28 @@ class _Program:
         return [(dtype, layout) for dtype in PARAM_DTYPES for layout in self.layouts]
 
     def modules(self) -> dict[str, str]:
-        """Variant name → MLIR text: "<dtype>-<layout>" for any CPU, "<dtype>-<layout>-avx512" where
-        that instruction set decodes codes faster (the runtime picks it on such a CPU), and, for
-        quantized plans, "<dtype>-float" for tensors whose quantized state is kept in float32."""
+        """Variant name → MLIR text: "<dtype>-<layout>" for any CPU, "<dtype>-<layout>-<isa>" (avx512,
+        avx2) where that instruction set's register lookups decode codes faster (the runtime picks the
+        one its CPU has), and, for quantized plans, "<dtype>-float" for tensors whose quantized state
+        is kept in float32."""
         out = {}
         for dtype, layout in self.variant_keys():
             out[f"{dtype}-{layout}"] = self.module(dtype, layout)
-            if self.lookup_keys(layout):
-                out[f"{dtype}-{layout}-avx512"] = self.module(dtype, layout, "avx512")
+            for isa in LOOKUP_ISAS:
+                if self.lookup_keys(layout, isa):
+                    out[f"{dtype}-{layout}-{isa}"] = self.module(dtype, layout, isa)
         if self.quantized_keys:  # "<dtype>-float": small tensors, whose quantized stores stay float32
             kept = _Program(self.plan, float_state=True)
             out |= {f"{dtype}-float": kept.module(dtype, "float") for dtype, _ in kept.variant_keys()}
         return out
 
-    def lookup_keys(self, layout: str) -> list[str]:
-        """States whose table (4- or 8-bit, without arithmetic form) a whole super-block can decode
-        with vector lookups, 16 codes at a time."""
+    def lookup_keys(self, layout: str, isa: str) -> list[str]:
+        """States whose table (without arithmetic form) a whole super-block can decode with ``isa``'s
+        vector lookups, 16 codes at a time: 4- and 8-bit tables on AVX-512, 4-bit ones on AVX2."""
         if not self.quantized_keys or self.superblock(layout) % 16:
             return []
-        return [k for k, q in self.quantized_keys.items() if _power_of_two_step(q) is None]
+        largest = 256 if isa == "avx512" else 16
+        return [k for k, q in self.quantized_keys.items() if _power_of_two_step(q) is None and len(q.values) <= largest]
 
     def storage_type(self, key: str, param_dtype: str) -> str:
         if key in _TENSORS:
@@ -570,7 +574,8 @@ def _quantized_stage(
     constant midpoints rather than a data-dependent search.  ``isa="avx512"``: a whole super-block's
     codes of a table without arithmetic form are decoded 16 at a time by register lookups into a float
     buffer, instead of a 15-select tree (4-bit) or a gather (8-bit) in the element loop, and 8-bit
-    codes are encoded 16 at a time by a search in registers (_search_bytes) instead of gathers."""
+    codes are encoded 16 at a time by a search in registers (_search_bytes) instead of gathers.
+    ``isa="avx2"``: the same for 4-bit tables (decode, and the encode of whole blocks)."""
     names = program.tensors(stage)
     writes = program.writes(stage)
     scalars = program.scalars_of(stage)
@@ -612,7 +617,7 @@ def _quantized_stage(
         whole = length == "%L"
         for k, buf in unpacked.items():
             if whole and k in lookups:
-                _unpack_lookup(body, i, k, lookups[k], first_byte, L, schemes[k])
+                _unpack_lookup(body, i, k, lookups[k], first_byte, L, schemes[k], isa)
             else:
                 _unpack(body, i, k, buf, pairs, first_byte, L)
         for k in (k for k in lookups if k not in unpacked and whole):  # 8-bit codes: no unpacking
@@ -777,15 +782,21 @@ def _quantized_stage(
         for k, buf in buffers.items():
             absmax = f"{loop}#{fused.index(k)}" if k in fused else None
             vectorized = whole and k in searches and quant[k][1] % 16 == 0
-            _requantize_blocks(body, i, k, schemes[k], quant[k][1], L, buf, start, length, globals_, absmax, vectorized)
+            _requantize_blocks(
+                body, i, k, schemes[k], quant[k][1], L, buf, start, length, globals_, absmax, vectorized, isa
+            )
 
     body.raw(f"%L = arith.constant {L} : index", 2)
     unpacked = {k: f"%unpacked_{k}" for k in quant if k in reads and schemes[k].bits == 4}
-    lookups = {k: f"%decoded_{k}" for k in program.lookup_keys(layout) if k in reads} if isa == "avx512" else {}
-    searches = {k for k in program.lookup_keys(layout) if schemes[k].bits == 8} if isa == "avx512" else set()
+    lookups = {k: f"%decoded_{k}" for k in program.lookup_keys(layout, isa) if k in reads} if isa in LOOKUP_ISAS else {}
+    # codes encoded by register searches: 8-bit ones on AVX-512 (its 4-bit select tree was as fast),
+    # 4-bit ones on AVX2
+    searches = {k for k in program.lookup_keys(layout, isa) if schemes[k].bits == {"avx512": 8, "avx2": 4}.get(isa)}
     buffers = {k: f"%buf_{k}" for k in writes if k in quant and quant[k][0] == "block"}
     # 8-bit rank-1 / per-tensor stores of whole super-blocks: values kept, then coded 16 at a time
-    searched = {k: f"%buf_{k}" for k in writes if k in searches and k not in buffers and norm is None}
+    searched = {
+        k: f"%buf_{k}" for k in writes if k in searches and k not in buffers and norm is None and schemes[k].bits == 8
+    }
     packs = {k: f"%pack_{k}" for k in writes if k in quant and k not in buffers and schemes[k].bits == 4}
     for buf in [*unpacked.values(), *packs.values()]:
         body.raw(f"{buf} = memref.alloca() : memref<{L}xi8>", 2)
@@ -856,9 +867,11 @@ def _pack(body: Body, ind: int, key: str, buf: str, pairs: str, first_byte: str,
     body.raw("}", ind)
 
 
-def _unpack_lookup(body: Body, ind: int, key: str, buf: str, first_byte: str, L: int, scheme: QuantScheme) -> None:
+def _unpack_lookup(
+    body: Body, ind: int, key: str, buf: str, first_byte: str, L: int, scheme: QuantScheme, isa: str
+) -> None:
     """The super-block's table values (not yet scaled) into ``buf``, 16 per iteration: 8 bytes split
-    into nibbles, interleaved (low nibble = even element), looked up by AVX-512's vpermps."""
+    into nibbles, interleaved (low nibble = even element), looked up by vpermps (_vector_lookup)."""
     body.raw(f"scf.for %q = %c_0 to {body.index(L // 2)} step {body.index(8)} {{", ind)
     k = ind + 1
     at = body.op(f"arith.addi {first_byte}, %q : index", k)
@@ -868,7 +881,7 @@ def _unpack_lookup(body: Body, ind: int, key: str, buf: str, first_byte: str, L:
     order = ", ".join(f"{e}, {e + 8}" for e in range(8))
     codes = body.op(f"vector.shuffle {low}, {high} [{order}] : vector<8xi8>, vector<8xi8>", k)
     index = body.op(f"arith.extui {codes} : vector<16xi8> to vector<16xi32>", k)
-    looked_up = _vector_lookup(body, k, _padded_table(scheme, 16), index)
+    looked_up = _vector_lookup(body, k, _padded_table(scheme, 16), index, isa)
     even = body.op("arith.shli %q, %c_1 : index", k)
     body.raw(f"vector.store {looked_up}, {buf}[{even}] : memref<{L}xf32>, vector<16xf32>", k)
     body.raw("}", ind)
@@ -887,13 +900,14 @@ def _lookup_bytes(body: Body, ind: int, key: str, buf: str, start: str, L: int, 
     body.raw("}", ind)
 
 
-def _search_bytes(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str) -> str:
-    """The 8-bit codes of 16 values divided by their scales (both vector<16xf32>), as
-    _encode counts them (midpoints below x; NaN: none) but without its two gathers per 16 codes (AMD
-    gathers are slow: they were 2/3 of adamw8bit's step).  The top COUNTED_LEVELS bits count the
-    2**COUNTED_LEVELS - 1 midpoints that split the table evenly (independent comparisons); each
-    further bit is a binary-search level probing the 2**level midpoints the bits so far can reach,
-    looked up in registers (vpermps up to 16, vpermt2ps per 32 plus selects on the higher bits)."""
+def _search_bytes(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, isa: str = "avx512") -> str:
+    """The codes of 16 values divided by their scales (both vector<16xf32>), as _encode counts them
+    (midpoints below x; NaN: none) but without its two gathers per 16 8-bit codes (AMD gathers are
+    slow: they were 2/3 of adamw8bit's step) or its select tree for 4-bit ones (AVX2: its constants
+    did not fit the 16 registers).  The top bits count the midpoints that split the table evenly
+    (independent comparisons: COUNTED_LEVELS bits for 8-bit, one for 4-bit); each further bit is a
+    binary-search level probing the 2**level midpoints the bits so far can reach, looked up in
+    registers (_vector_lookup)."""
     x = body.op(f"arith.divf {value}, {_safe_scale(body, ind, scale, 'vector<16xf32>')} : vector<16xf32>", ind)
     mids = _padded_midpoints(scheme)
     levels = len(mids).bit_length()
@@ -905,14 +919,15 @@ def _search_bytes(body: Body, ind: int, scheme: QuantScheme, value: str, scale: 
         return body.op(f"arith.select {below}, {plus}, {code} : vector<16xi1>, vector<16xi32>", ind)
 
     code = body.const("dense<0>", "vector<16xi32>")
-    counted = 1 << (levels - COUNTED_LEVELS)
-    for k in range(1, 1 << COUNTED_LEVELS):
+    counted_levels = COUNTED_LEVELS if scheme.bits == 8 else 1  # 4-bit: binary search, <= 8 probes a level
+    counted = 1 << (levels - counted_levels)
+    for k in range(1, 1 << counted_levels):
         code = plus_one_if_below(code, body.const(f"dense<{f32_literal(mids[k * counted - 1])}>", "vector<16xf32>"))
-    for level in range(COUNTED_LEVELS, levels):
+    for level in range(counted_levels, levels):
         step = 1 << (levels - 1 - level)
         nodes = [mids[k * 2 * step + step - 1] for k in range(1 << level)]  # reached by code = k
         code = plus_one_if_below(
-            body.op(f"arith.addi {code}, {code} : vector<16xi32>", ind), _vector_lookup(body, ind, nodes, code)
+            body.op(f"arith.addi {code}, {code} : vector<16xi32>", ind), _vector_lookup(body, ind, nodes, code, isa)
         )
     return body.op(f"arith.trunci {code} : vector<16xi32> to vector<16xi8>", ind)
 
@@ -929,28 +944,64 @@ def _search_store(
     hi: str,
     scale: str,
     per_value: bool = False,
+    isa: str = "avx512",
 ) -> None:
-    """8-bit codes of the super-block's values ``buf``[lo, hi), 16 at a time (_search_bytes), stored
-    for elements start + lo ...; ``scale``: one f32 for them all, or (``per_value``) a buffer like ``buf``."""
+    """Codes of the super-block's values ``buf``[lo, hi), 16 at a time (_search_bytes), stored for
+    elements start + lo ... (4-bit: two per byte); ``scale``: one f32 for them all, or (``per_value``)
+    a buffer like ``buf``."""
     body.raw(f"scf.for %q = {lo} to {hi} step {body.index(16)} {{", ind)
     value = body.op(f"vector.load {buf}[%q] : memref<{L}xf32>, vector<16xf32>", ind + 1)
     if per_value:
         scales = body.op(f"vector.load {scale}[%q] : memref<{L}xf32>, vector<16xf32>", ind + 1)
     else:
         scales = body.op(f"vector.broadcast {scale} : f32 to vector<16xf32>", ind + 1)
-    code = _search_bytes(body, ind + 1, scheme, value, scales)
+    code = _search_bytes(body, ind + 1, scheme, value, scales, isa)
     at = body.op(f"arith.addi {start}, %q : index", ind + 1)
-    body.raw(f"vector.store {code}, %{key}_codes[{at}] : memref<?xi8>, vector<16xi8>", ind + 1)
+    if scheme.bits == 4:  # pairs into bytes, the even element's code in the low nibble
+        even, odd = (", ".join(str(e) for e in range(first, 16, 2)) for first in (0, 1))
+        low = body.op(f"vector.shuffle {code}, {code} [{even}] : vector<16xi8>, vector<16xi8>", ind + 1)
+        high = body.op(f"vector.shuffle {code}, {code} [{odd}] : vector<16xi8>, vector<16xi8>", ind + 1)
+        high = body.op(f"arith.shli {high}, {body.const('dense<4>', 'vector<8xi8>')} : vector<8xi8>", ind + 1)
+        code = body.op(f"arith.ori {low}, {high} : vector<8xi8>", ind + 1)
+        at = body.op(f"arith.shrui {at}, %c_1 : index", ind + 1)
+    body.raw(f"vector.store {code}, %{key}_codes[{at}] : memref<?xi8>, vector<{scheme.bits * 2}xi8>", ind + 1)
     body.raw("}", ind)
 
 
-def _vector_lookup(body: Body, ind: int, table: list[float], index: str) -> str:
-    """``table[index]`` for 16 lanes (index < len(table), a power of two): vpermps for up to 16
-    entries; else each 32-entry slice by vpermt2ps on the low 5 bits, the slice picked by the rest."""
+def _vector_lookup(body: Body, ind: int, table: list[float], index: str, isa: str = "avx512") -> str:
+    """``table[index]`` for 16 lanes (index < len(table), a power of two).  AVX-512: vpermps for up to
+    16 entries; else each 32-entry slice by vpermt2ps on the low 5 bits, the slice picked by the rest.
+    AVX2 (up to 16 entries): per 8 lanes, vpermps of each 8-entry half picked by the index's bit 3."""
 
-    def constant(entries: list[float]) -> str:
-        padded = entries + entries[-1:] * (16 - len(entries))
-        return body.const(f"dense<[{', '.join(f32_literal(v) for v in padded)}]>", "vector<16xf32>")
+    def constant(entries: list[float], lanes: int = 16) -> str:
+        padded = entries + entries[-1:] * (lanes - len(entries))
+        return body.const(f"dense<[{', '.join(f32_literal(v) for v in padded)}]>", f"vector<{lanes}xf32>")
+
+    if isa == "avx2":
+        halves = []
+        for first in (0, 8):
+            part = body.op(
+                f"vector.extract_strided_slice {index} {{offsets = [{first}], sizes = [8], strides = [1]}} : "
+                "vector<16xi32> to vector<8xi32>",
+                ind,
+            )
+            looked_up = [
+                body.op(
+                    f'llvm.call_intrinsic "llvm.x86.avx2.permps"({constant(table[s : s + 8], 8)}, {part}) : '
+                    "(vector<8xf32>, vector<8xi32>) -> vector<8xf32>",
+                    ind,
+                )
+                for s in range(0, len(table), 8)
+            ]
+            if len(looked_up) == 2:
+                bit = body.op(f"arith.andi {part}, {body.const('dense<8>', 'vector<8xi32>')} : vector<8xi32>", ind)
+                upper = body.op(f"arith.cmpi ne, {bit}, {body.const('dense<0>', 'vector<8xi32>')} : vector<8xi32>", ind)
+                looked_up = [
+                    body.op(f"arith.select {upper}, {looked_up[1]}, {looked_up[0]} : vector<8xi1>, vector<8xf32>", ind)
+                ]
+            halves.append(looked_up[0])
+        order = ", ".join(str(i) for i in range(16))
+        return body.op(f"vector.shuffle {halves[0]}, {halves[1]} [{order}] : vector<8xf32>, vector<8xf32>", ind)
 
     if len(table) <= 16:
         return body.op(
@@ -1180,11 +1231,11 @@ def _padded_midpoints(scheme: QuantScheme) -> list[float]:
 
 
 def _requantize_blocks(
-    body, ind, key, scheme, block, L, buf, start, length, globals_, absmax=None, vectorized=False
+    body, ind, key, scheme, block, L, buf, start, length, globals_, absmax=None, vectorized=False, isa="portable"
 ) -> None:
     """Per block of the super-block: absmax → new scale, then codes (4-bit: packed pairs).
-    ``absmax``: already reduced by the element loop (one block per super-block); ``vectorized``: 8-bit
-    codes of whole blocks (a multiple of 16) by AVX-512 vector searches (_search_bytes)."""
+    ``absmax``: already reduced by the element loop (one block per super-block); ``vectorized``: codes
+    of whole blocks (a multiple of 16) by vector searches in registers (_search_bytes, ``isa``)."""
     B = body.index(block)
     count = body.op(f"arith.ceildivui {length}, {B} : index", ind)
     first = body.op(f"arith.divui {start}, {B} : index", ind)
@@ -1200,8 +1251,8 @@ def _requantize_blocks(
         body.raw("}", k)
     at = body.op(f"arith.addi {first}, %b_{key} : index", k)
     body.raw(f"memref.store {absmax}, %{key}_scales[{at}] : memref<?xf32>", k)
-    if scheme.bits == 8 and vectorized:
-        _search_store(body, k, key, scheme, buf, L, start, lo, hi, absmax)
+    if vectorized:
+        _search_store(body, k, key, scheme, buf, L, start, lo, hi, absmax, isa=isa)
     elif scheme.bits == 8:
         body.raw(f"scf.for %j = {lo} to {hi} step %c_1 {{", k)
         x = body.op(f"memref.load {buf}[%j] : memref<{L}xf32>", k + 1)

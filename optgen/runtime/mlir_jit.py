@@ -418,9 +418,9 @@ class Kernels:
 
 @functools.cache
 def host_isa() -> str:
-    """The instruction set of the variants this CPU runs besides the portable ones: "avx512" where
-    torch finds AVX-512 (the JIT compiles for the host CPU), else "portable"."""
-    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "portable"
+    """The instruction set of the variants this CPU runs besides the portable ones: "avx512" or
+    "avx2" where torch finds it (the JIT compiles for the host CPU), else "portable"."""
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "portable")
 
 
 def kernel_dtype(param: torch.Tensor, grad: torch.Tensor) -> str | None:
