@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 
 import torch
-from step_cpu import BASELINE, RESULTS, measure, write_results
+from step_cpu import BASELINE, RESULTS, isa_note, measure, write_results
 
 import optgen
 
@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{label:28s} {count:4d} {name:28s} {seconds / numel * 1e9:6.2f} ns/element  x{ratio:.2f}", flush=True
             )
-    notes = [["# setting", f"{args.threads} threads", f"torch {torch.__version__}", f"{args.rounds} rounds"]]
+    notes = [
+        ["# setting", f"{args.threads} threads", f"torch {torch.__version__}", f"{args.rounds} rounds"],
+        ["# machine", f"MLIR kernels: {isa_note()}"],
+    ]
     header = {
         "shape": "shape",
         "tensors": "tensors",

@@ -48,6 +48,13 @@ def llama_tensors(dim: int = 768, layers: int = 10, ffn: int = 2048, vocab: int 
     return [torch.randn(s) * 0.02 for s in shapes]
 
 
+def isa_note() -> str:
+    """Which MLIR variants ran: the vector instruction set the CPU has (see emit_mlir.LOOKUP_ISAS)."""
+    from optgen.runtime.mlir_jit import host_isa
+
+    return f"{host_isa()} variants ({torch.backends.cpu.get_cpu_capability()} CPU)"
+
+
 def optimizers(compile_step: bool) -> dict[str, Callable]:
     """Implementation name → (params → object with .step())."""
     AdamW, AdamW4bit, AdamW8bit = optgen.load("adamw"), optgen.load("adamw4bit"), optgen.load("adamw8bit")
@@ -158,7 +165,12 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([label, str(count), name, f"{seconds * 1e3:.2f}", f"{ratio:.2f}"])
                 print(f"{label:42s} {count:2d} {name:40s} {seconds * 1e3:9.2f} ms  x{ratio:.2f}", flush=True)
     notes = [
-        ["# machine", platform.processor() or platform.machine(), f"{os.cpu_count()} cores"],
+        [
+            "# machine",
+            platform.processor() or platform.machine(),
+            f"{os.cpu_count()} cores",
+            f"MLIR kernels: {isa_note()}",
+        ],
         ["# ratio", f"median per-round ratio to {BASELINE} (same run)", f"torch {torch.__version__}"],
         ["# bandwidth", "; ".join(bandwidth)],
     ]
