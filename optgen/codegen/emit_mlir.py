@@ -53,7 +53,9 @@ BUCKET_SHIFT = 16
 # top bits of an AVX-512 8-bit encode found by counting, not searching (_search_bytes): adamw8bit's
 # map on 10x1M, 1 thread: 2 levels 21.2 ms, 3: 20.0, 4: 21.4, 5: 29.0, binary search only: 23.8
 COUNTED_LEVELS = 3
-LOOKUP_ISAS = ("avx512", "avx2")  # instruction sets with variants that decode codes by register lookups
+# instruction sets with variants that decode codes by register lookups: the largest table they look up,
+# and the bits of the codes they also encode by a register search (AVX-512's 4-bit select tree was as fast)
+LOOKUP_ISAS = {"avx512": (256, 8), "avx2": (16, 4)}
 _TENSORS = ("param", "grad")
 _RELATIONS = {sympy.Eq: "oeq", sympy.Ne: "une", sympy.Lt: "olt", sympy.Le: "ole", sympy.Gt: "ogt", sympy.Ge: "oge"}
 
@@ -178,7 +180,7 @@ class _Program:
         vector lookups, 16 codes at a time: 4- and 8-bit tables on AVX-512, 4-bit ones on AVX2."""
         if not self.quantized_keys or self.superblock(layout) % 16:
             return []
-        largest = 256 if isa == "avx512" else 16
+        largest, _ = LOOKUP_ISAS[isa]
         return [k for k, q in self.quantized_keys.items() if _power_of_two_step(q) is None and len(q.values) <= largest]
 
     def storage_type(self, key: str, param_dtype: str) -> str:
@@ -788,10 +790,9 @@ def _quantized_stage(
 
     body.raw(f"%L = arith.constant {L} : index", 2)
     unpacked = {k: f"%unpacked_{k}" for k in quant if k in reads and schemes[k].bits == 4}
-    lookups = {k: f"%decoded_{k}" for k in program.lookup_keys(layout, isa) if k in reads} if isa in LOOKUP_ISAS else {}
-    # codes encoded by register searches: 8-bit ones on AVX-512 (its 4-bit select tree was as fast),
-    # 4-bit ones on AVX2
-    searches = {k for k in program.lookup_keys(layout, isa) if schemes[k].bits == {"avx512": 8, "avx2": 4}.get(isa)}
+    looked_up_keys = program.lookup_keys(layout, isa) if isa in LOOKUP_ISAS else []
+    lookups = {k: f"%decoded_{k}" for k in looked_up_keys if k in reads}
+    searches = {k for k in looked_up_keys if schemes[k].bits == LOOKUP_ISAS[isa][1]}
     buffers = {k: f"%buf_{k}" for k in writes if k in quant and quant[k][0] == "block"}
     # 8-bit rank-1 / per-tensor stores of whole super-blocks: values kept, then coded 16 at a time
     searched = {
@@ -978,6 +979,14 @@ def _vector_lookup(body: Body, ind: int, table: list[float], index: str, isa: st
         return body.const(f"dense<[{', '.join(f32_literal(v) for v in padded)}]>", f"vector<{lanes}xf32>")
 
     if isa == "avx2":
+
+        def permps(entries: list[float], part: str) -> str:
+            return body.op(
+                f'llvm.call_intrinsic "llvm.x86.avx2.permps"({constant(entries, 8)}, {part}) : '
+                "(vector<8xf32>, vector<8xi32>) -> vector<8xf32>",
+                ind,
+            )
+
         halves = []
         for first in (0, 8):
             part = body.op(
@@ -985,21 +994,13 @@ def _vector_lookup(body: Body, ind: int, table: list[float], index: str, isa: st
                 "vector<16xi32> to vector<8xi32>",
                 ind,
             )
-            looked_up = [
-                body.op(
-                    f'llvm.call_intrinsic "llvm.x86.avx2.permps"({constant(table[s : s + 8], 8)}, {part}) : '
-                    "(vector<8xf32>, vector<8xi32>) -> vector<8xf32>",
-                    ind,
-                )
-                for s in range(0, len(table), 8)
-            ]
-            if len(looked_up) == 2:
+            value = permps(table[:8], part)
+            if len(table) > 8:
                 bit = body.op(f"arith.andi {part}, {body.const('dense<8>', 'vector<8xi32>')} : vector<8xi32>", ind)
                 upper = body.op(f"arith.cmpi ne, {bit}, {body.const('dense<0>', 'vector<8xi32>')} : vector<8xi32>", ind)
-                looked_up = [
-                    body.op(f"arith.select {upper}, {looked_up[1]}, {looked_up[0]} : vector<8xi1>, vector<8xf32>", ind)
-                ]
-            halves.append(looked_up[0])
+                high = permps(table[8:], part)
+                value = body.op(f"arith.select {upper}, {high}, {value} : vector<8xi1>, vector<8xf32>", ind)
+            halves.append(value)
         order = ", ".join(str(i) for i in range(16))
         return body.op(f"vector.shuffle {halves[0]}, {halves[1]} [{order}] : vector<8xf32>, vector<8xf32>", ind)
 

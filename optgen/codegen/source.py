@@ -149,8 +149,7 @@ def load_document(text: str, file: str) -> Document:
     if len(text.encode()) > MAX_SPEC_BYTES:
         raise SpecError(f"spec is larger than {MAX_SPEC_BYTES // 1024} KiB", Location(file, 1, 1))
     try:
-        _refuse_deep_nesting(text, file)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_NestLimitedLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         problem = err.problem or err.context
@@ -160,6 +159,9 @@ def load_document(text: str, file: str) -> Document:
             mark, problem = err.context_mark, f"{err.problem} ({err.context})"
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
         raise SpecError(f"YAML syntax error: {problem}", where) from None
+    except _TooDeep as err:
+        where = Location(file, err.mark.line + 1, err.mark.column + 1)
+        raise SpecError(f"YAML nesting is too deep (more than {MAX_DEPTH} levels)", where) from None
     except yaml.YAMLError as err:
         raise SpecError(f"YAML error: {err}", Location(file, 1, 1)) from None
     except RecursionError:
@@ -171,18 +173,28 @@ def load_document(text: str, file: str) -> Document:
     return Document(value, file, text, locations)
 
 
-def _refuse_deep_nesting(text: str, file: str) -> None:
-    """Too deep a nest is refused from the parser's events (no recursion) before composing: the
-    composer recursed thousands of levels deep into a RecursionError first (1.7 s for 5000 '[')."""
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH + 1:  # the root mapping is level 0 of _convert's count
-                where = Location(file, event.start_mark.line + 1, event.start_mark.column + 1)
-                raise SpecError(f"YAML nesting is too deep (more than {MAX_DEPTH} levels)", where)
-        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            depth -= 1
+class _TooDeep(Exception):
+    def __init__(self, mark: yaml.Mark):
+        self.mark = mark
+
+
+class _NestLimitedLoader(yaml.SafeLoader):
+    """Refuses a collection nested deeper than _convert allows before composing into it: the
+    composer recurses per level, and 5000 '[' took 1.7 s to reach a RecursionError."""
+
+    nesting = 0
+
+    def compose_node(self, parent, index):
+        collection = self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent)
+        if collection:
+            self.nesting += 1
+            if self.nesting > MAX_DEPTH + 1:  # the root mapping is level 0 of _convert's count
+                raise _TooDeep(self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            if collection:
+                self.nesting -= 1
 
 
 def read_document(path: str | Path) -> Document:
