@@ -10,10 +10,12 @@ error of a failing lowering, and `optgen show --mlir`.
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -419,8 +421,9 @@ def test_every_code_decodes_to_its_table_entry(tmp_path, bits, table, signed, is
     codes = (torch.arange(numel) * 3 + torch.arange(numel) // len(values)) % len(values)  # every code, shifted
     param = torch.nn.Parameter(torch.zeros(numel))
     param.grad = torch.zeros(numel)
+    ran = _variants_run(monkeypatch)
     opt = optgen.load(path)([param], backend="mlir")
-    opt.step()  # state made (all zero); then every code with scale 1
+    opt.step()  # state made (all zero); then every code with scale 1 (in place: the launches stay)
     state = opt.state[param]["q"]
     packed = codes.to(torch.uint8)
     if bits == 4:
@@ -429,7 +432,6 @@ def test_every_code_decodes_to_its_table_entry(tmp_path, bits, table, signed, is
     state.codes.copy_(packed)
     state.scales.fill_(1.0)
     param.data.zero_()
-    ran = _variants_run(monkeypatch)
     opt.step()
     assert ran and all(v.endswith(f"-{isa}") == _has_variant(isa, bits) for v in ran), ran
     assert torch.equal(param.detach(), values[codes])
@@ -506,15 +508,15 @@ def test_updates_in_place(name, monkeypatch):
 
 
 def _launches_before_each_run(monkeypatch) -> tuple[Launches, list[int]]:
-    """The launches, and how many had run when each ``Kernels.run`` (one parameter's) began."""
+    """The launches, and how many had run when each parameter's plan began its run."""
     counter, before = Launches(monkeypatch, mlir_jit), []
-    run = mlir_jit.Kernels.run
+    run = mlir_jit._Plan.run
 
     def recorded_run(self, *args):
         before.append(len(counter.launches))
         run(self, *args)
 
-    monkeypatch.setattr(mlir_jit.Kernels, "run", recorded_run)
+    monkeypatch.setattr(mlir_jit._Plan, "run", recorded_run)
     return counter, before
 
 
@@ -537,6 +539,62 @@ def test_a_step_makes_every_launch_before_running_any(name, monkeypatch):
     for param in params:
         update(param, param.grad, opt.state[param], opt._hyper_tensors(group, program))
     assert stepped == before[0] < before[1] < before[2] < len(counter.launches), (before, counter.launches)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw4bit"])
+def test_launch_plans_are_kept_until_the_tensors_move(name, monkeypatch):
+    # a parameter's launches are planned on its first step and kept while its tensors stay put (the
+    # gradient may move: autograd allocates a new one after zero_grad()); a param moved by
+    # ``param.data = ...``, a loaded state_dict or another thread count makes new plans, and every
+    # step stays the torch backend's
+    made = []
+    make = mlir_jit.Kernels._make_plan
+    monkeypatch.setattr(mlir_jit.Kernels, "_make_plan", lambda self, *args: made.append(args[0]) or make(self, *args))
+    params, grads = _inputs([(67, 131), (5000,), (3, 5, 301)], torch.float32, steps=6)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt = optgen.load(name)(params, lr=LR, backend="mlir")
+    reference = optgen.load(name)(twins, lr=LR, backend="torch")
+    planned = []
+    threads = torch.get_num_threads()
+    try:
+        for i, step_grads in enumerate(grads):
+            if i == 3:
+                params[0].data = params[0].data.clone()
+            elif i == 4:
+                opt.load_state_dict(opt.state_dict())  # every state tensor replaced by a copy
+            elif i == 5:
+                torch.set_num_threads(threads % 2 + 1)
+            for p, twin, g in zip(params, twins, step_grads):
+                p.grad, twin.grad = g.clone(), g.clone()
+            opt.step()
+            reference.step()
+            planned.append(len(made))
+    finally:
+        torch.set_num_threads(threads)
+    assert planned == [3, 3, 3, 4, 7, 10], planned
+    for a, b in zip(params, twins):
+        _assert_params_close(a.detach(), b.detach(), f"{name} {tuple(a.shape)}")
+        _assert_states_match(opt.state[a], reference.state[b], a.numel(), f"{name} {tuple(a.shape)}")
+
+
+def test_a_launch_plan_keeps_no_tensor_alive():
+    # plans are kept per parameter (weakly) and hold addresses, not the parameter's tensors: an
+    # optimizer deleted, or a state replaced, frees their memory
+    param = torch.randn(300, 200, requires_grad=True)
+    param.grad = torch.randn(300, 200)
+    opt = optgen.load("adamw4bit")([param], backend="mlir")
+    opt.step()
+    plans = opt.programs[0].module("mlir").KERNELS._plans
+    assert param in plans
+    codes = weakref.ref(opt.state[param]["exp_avg"].codes)
+    opt.load_state_dict(opt.state_dict())
+    gc.collect()
+    assert codes() is None, "a replaced state's codes are still referenced"
+    tensors = [weakref.ref(t) for t in (param, param.grad, opt.state[param]["exp_avg_sq"].scales)]
+    before = len(plans)
+    del opt, param
+    gc.collect()
+    assert all(t() is None for t in tensors) and len(plans) == before - 1
 
 
 def test_parameters_before_a_failing_one_are_still_stepped(monkeypatch):

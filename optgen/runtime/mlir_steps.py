@@ -126,12 +126,11 @@ class StepKernels(Kernels):
         """A launch over super-blocks of the flat tensor (block-wise quantized state)."""
         numel = math.prod(shape)
         cols = shape[-1] if shape else 1
-        olds: dict = {}
-        held: list = []  # tensors the memrefs point into, until the launch is done
         args = []
         for key in step.tensors:
-            # these kernels walk rows of the last dim (%cols is shape[-1] for their reductions too)
-            args += self._bundle(key, tensors[key], shape, None, olds, held, len(shape) - 1)
+            value = tensors[key]
+            quantized = isinstance(value, QuantizedState)  # block-wise (see emit_mlir_steps)
+            args += [memref(value.codes), memref(value.scales)] if quantized else [memref(value)]
         count = -(-numel // self.superblock)
         launch(team, count, [numel, cols, matrix, *args, *values], pieces(count, self.superblock))
         for key in step.writes:
