@@ -156,7 +156,8 @@ def test_bf16_parameters(spec, all_reductions, monkeypatch):
 
 
 # A state set to a bare reduction, read next by the parameter update: the full-size launch stores it
-# once (rows: per row; cols: from each matrix's first row; scalar: from the first work unit).
+# once (rows: per row; cols: from each matrix's first row; scalar: from the first work unit).  The
+# update reads r, c and a themselves (``1 + r`` would be a rows value of its own: see hoist_smaller_values).
 BARE = """\
 optgen: 1
 name: bare
@@ -171,7 +172,7 @@ update:
   - r = max(abs(grad), dim=-1)
   - c = min(grad, dim=-2)
   - a = norm(grad, dim=all)
-  - param = param - lr * (grad / (1 + r) + c / (1 + a))
+  - param = param - lr * grad * (r + c + a)
 """
 
 

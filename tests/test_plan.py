@@ -5,7 +5,7 @@ import sympy
 from optgen.codegen.build import header
 from optgen.codegen.emit_torch import emit_torch
 from optgen.codegen.expr import Kind
-from optgen.codegen.plan import make_plan
+from optgen.codegen.plan import hoist_smaller_values, make_plan
 from optgen.codegen.printer import TextPrinter
 from optgen.codegen.spec import load_spec, parse_spec
 
@@ -78,3 +78,27 @@ def test_printer_keeps_divisions_and_signs_readable():
     spec = parse_spec(BASE.format(update="  - m = m - grad / (1 - beta1)\n  - r = r\n  - param = param - lr * m"), "d")
     text = TextPrinter().doprint(spec.program[0].expr)
     assert text == "m - grad / (1 - beta1)"
+
+
+def test_rows_and_cols_parts_of_full_size_lets_are_hoisted_keeping_divisions():
+    # SinkGD's rounds x / (norm_eps + sqrt(r)): the divisor is computed once per row or column
+    # (lets of kind rows / cols) and the element-wise let still divides by it, so putting the
+    # hoisted values back gives each original expression exactly (the same operations, the same bits)
+    plan = make_plan(load_spec("sinkgd"))
+    hoisted = hoist_smaller_values(plan)
+    made = {}
+    for before, after in zip(plan.stages, hoisted.stages):
+        new = [let for let in after.lets if let.symbol not in {b.symbol for b in before.lets}]
+        made |= {let.symbol: let.expr for let in new}
+        assert all(let.kind in (Kind.ROWS, Kind.COLS) and "sqrt" in str(let.expr) for let in new), new
+        originals = {let.symbol: let.expr for let in before.lets}
+        for let in after.lets:
+            if let.symbol in originals:
+                assert let.expr.xreplace(made) == originals[let.symbol], let.symbol
+                if let.kind is Kind.FULL:
+                    assert "sqrt" not in str(let.expr), let
+    assert len(made) == 10  # one divisor per round (rows, cols) x 5
+    assert hoisted.stages[0].lets is not plan.stages[0].lets  # the plan itself is left as it was
+    assert [str(let.expr) for s in make_plan(load_spec("sinkgd")).stages for let in s.lets] == [
+        str(let.expr) for s in plan.stages for let in s.lets
+    ]

@@ -56,7 +56,7 @@ from optgen.codegen.emit_torch import _scheme_literal
 from optgen.codegen.emit_triton import _buffers, _reductions, schedule
 from optgen.codegen.expr import Kind
 from optgen.codegen.mlir_team import with_teams
-from optgen.codegen.plan import Plan
+from optgen.codegen.plan import Plan, hoist_smaller_values
 from optgen.codegen.templates import render
 
 STRIPE = 32  # rows per work unit of a full-size launch (and per float64 column partial)
@@ -74,7 +74,7 @@ _COMBINE = {"mean": "addf", "sum": "addf", "norm": "addf", "amax": "maximumf", "
 
 def emit(plan: Plan, header: str) -> str | None:
     try:
-        program = _StepProgram(plan)
+        program = _StepProgram(hoist_smaller_values(plan))
         variants = {f"{d}-{layout}": program.module(d, layout) for d, layout in program.variant_keys()}
     except Unsupported:
         return None
@@ -100,7 +100,7 @@ def emit(plan: Plan, header: str) -> str | None:
 
 def modules(plan: Plan) -> dict[str, str]:
     try:
-        program = _StepProgram(plan)
+        program = _StepProgram(hoist_smaller_values(plan))
         return {f"{d}-{layout}": program.module(d, layout) for d, layout in program.variant_keys()}
     except Unsupported as error:
         return {"unsupported": f"// {plan.spec.name}: the MLIR backend declines this plan ({error}); torch runs it"}
