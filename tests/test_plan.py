@@ -101,3 +101,6 @@ def test_rows_and_cols_parts_of_full_size_lets_are_hoisted():
     assert [str(let.expr) for s in make_plan(load_spec("sinkgd")).stages for let in s.lets] == [
         str(let.expr) for s in plan.stages for let in s.lets
     ]  # the plan itself is left as it was
+    # Factor's v = c * r / mean(r): its scalar part is computed once per launch already, not hoisted
+    factor = make_plan(load_spec("factor4bit"))
+    assert [s.lets for s in hoist_smaller_values(factor).stages] == [s.lets for s in factor.stages]

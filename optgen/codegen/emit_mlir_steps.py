@@ -45,6 +45,7 @@ import sympy
 
 from optgen.codegen import expr as E
 from optgen.codegen.emit_mlir import (
+    LOOKUP_ISAS,
     Body,
     Lowering,
     Unsupported,
@@ -75,7 +76,7 @@ _COMBINE = {"mean": "addf", "sum": "addf", "norm": "addf", "amax": "maximumf", "
 def emit(plan: Plan, header: str) -> str | None:
     try:
         program = _StepProgram(hoist_smaller_values(plan))
-        variants = {f"{d}-{layout}": program.module(d, layout) for d, layout in program.variant_keys()}
+        variants = program.modules()
     except Unsupported:
         return None
     return render(
@@ -100,8 +101,7 @@ def emit(plan: Plan, header: str) -> str | None:
 
 def modules(plan: Plan) -> dict[str, str]:
     try:
-        program = _StepProgram(hoist_smaller_values(plan))
-        return {f"{d}-{layout}": program.module(d, layout) for d, layout in program.variant_keys()}
+        return _StepProgram(hoist_smaller_values(plan)).modules()
     except Unsupported as error:
         return {"unsupported": f"// {plan.spec.name}: the MLIR backend declines this plan ({error}); torch runs it"}
 
@@ -279,12 +279,24 @@ class _StepProgram(_Program):
         ]
 
     # -- MLIR --------------------------------------------------------------------------------------
-    def module(self, dtype: str, layout: str) -> str:
+    def modules(self) -> dict[str, str]:
+        """Variant name → MLIR text: "<dtype>-<layout>", and "<dtype>-quantized-<isa>" where that
+        instruction set's register lookups decode (and search) codes of whole super-blocks, as in
+        ``emit_mlir``."""
+        out = {}
+        for dtype, layout in self.variant_keys():
+            out[f"{dtype}-{layout}"] = self.module(dtype, layout)
+            for isa in LOOKUP_ISAS if layout == "quantized" else ():
+                if self.lookup_keys("any", isa):
+                    out[f"{dtype}-{layout}-{isa}"] = self.module(dtype, layout, isa)
+        return out
+
+    def module(self, dtype: str, layout: str, isa: str = "portable") -> str:
         program = dataclasses.replace(self, float_state=True) if layout == "float" else self
         functions, globals_ = [], {}
         for step in program.steps:
             if program.quantized(step):
-                functions.append(_quantized_stage(program, step, dtype, "any", globals_))
+                functions.append(_quantized_stage(program, step, dtype, "any", globals_, isa))
             elif step.domain is Kind.FULL:
                 functions.append(_full_launch(program, step, dtype))
             else:

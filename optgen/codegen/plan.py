@@ -222,7 +222,7 @@ class _Planner:
 
 
 def hoist_smaller_values(plan: Plan) -> Plan:
-    """The plan with the parts of full-size map lets over scalar / rows / cols values only (SinkGD's
+    """The plan with the parts of full-size map lets over rows / cols values only (SinkGD's
     ``1 / (norm_eps + sqrt(r))``) made lets of their own kind before them, so a backend computes them
     once per row or column, not once per element: a square root and a division per element become a
     multiplication (x * (1 / d) is within an ulp of x / d).  The MLIR steps backend plans with it
@@ -236,8 +236,8 @@ def hoist_smaller_values(plan: Plan) -> Plan:
         kind = E.kind_of(expr, kinds)
         if kind is Kind.FULL:
             return expr.func(*(part(arg, lets) for arg in expr.args)) if expr.args else expr
-        if kind is Kind.HOST or isinstance(expr, sympy.Symbol) or not expr.args:
-            return expr
+        if kind in (Kind.HOST, Kind.SCALAR) or isinstance(expr, sympy.Symbol) or not expr.args:
+            return expr  # scalar parts: computed once per launch already
         if expr not in made:
             made[expr] = symbol = next(names)
             kinds[symbol] = kind

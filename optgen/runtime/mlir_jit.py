@@ -295,7 +295,10 @@ class Kernels:
             name = f"{dtype}-float"
             return name if kept == len(self.schemes) and name in self.sources else None
         layout = ("nd" if param.ndim >= 2 else "flat") if self.rank1 else "any"
-        name = f"{dtype}-{layout}"
+        return self.fastest(f"{dtype}-{layout}")
+
+    def fastest(self, name: str) -> str:
+        """Variant ``name``, or its ``<name>-<isa>`` form where this CPU runs one (``host_isa``)."""
         fast = f"{name}-{host_isa()}"
         return fast if fast in self.sources else name
 

@@ -84,7 +84,7 @@ class StepKernels(Kernels):
         if not self.schemes:
             return f"{dtype}-any"
         if quantized == set(self.schemes):
-            return f"{dtype}-quantized"
+            return self.fastest(f"{dtype}-quantized")
         return f"{dtype}-float" if not quantized else None
 
     def run(self, variant: str, param: torch.Tensor, grad: torch.Tensor, state: dict, scalars: dict) -> None:
@@ -102,7 +102,7 @@ class StepKernels(Kernels):
         for step in self.steps:
             team = functions[f"{step.name}_team"]
             values = [float(scalars[n]) for n in step.scalars]
-            if step.quantized and variant.endswith("-quantized"):  # the float variant walks stripes
+            if step.quantized and "-quantized" in variant:  # the float variant walks stripes
                 self._quantized(step, team, tensors, values, shape, cols * rows)
                 continue
             if step.domain == "full":
