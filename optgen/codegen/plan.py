@@ -230,12 +230,11 @@ def hoist_smaller_values(plan: Plan) -> Plan:
     it launches a kernel for them, so the Triton backend plans without it."""
     kinds = dict(plan.kinds)
     names = (sympy.Symbol(f"t{i}") for i in itertools.count() if sympy.Symbol(f"t{i}") not in kinds)
-    made: dict[sympy.Expr, sympy.Symbol] = {}
 
-    def part(expr: sympy.Basic, lets: list[Let]) -> sympy.Basic:
+    def part(expr: sympy.Basic, lets: list[Let], made: dict) -> sympy.Basic:
         kind = E.kind_of(expr, kinds)
         if kind is Kind.FULL:
-            return expr.func(*(part(arg, lets) for arg in expr.args)) if expr.args else expr
+            return expr.func(*(part(arg, lets, made) for arg in expr.args)) if expr.args else expr
         if kind in (Kind.HOST, Kind.SCALAR) or isinstance(expr, sympy.Symbol) or not expr.args:
             return expr  # scalar parts: computed once per launch already
         if expr not in made:
@@ -247,8 +246,9 @@ def hoist_smaller_values(plan: Plan) -> Plan:
     stages = []
     for stage in plan.stages:
         lets: list[Let] = []
+        made: dict[sympy.Expr, sympy.Symbol] = {}  # per stage: a later stage does not read this one's lets
         for let in stage.lets:
-            expr = part(let.expr, lets) if stage.op == "map" and let.kind is Kind.FULL else let.expr
+            expr = part(let.expr, lets, made) if stage.op == "map" and let.kind is Kind.FULL else let.expr
             lets.append(dataclasses.replace(let, expr=expr))
         stages.append(dataclasses.replace(stage, lets=lets))
     return dataclasses.replace(plan, stages=stages, kinds=kinds)
