@@ -1,8 +1,10 @@
 """Records the MLIR kernel launches a test's steps make."""
 
+from optgen.runtime import mlir_jit
+
 
 class Launches:
-    """Wraps ``module.launch`` (mlir_jit or mlir_steps, whichever calls it) for one test: (count, pieces)
+    """Wraps ``module.launch`` (mlir_jit's: every launch plan binds it) for one test: (count, pieces)
     per launch in ``launches``, its arguments after lo/hi in ``arguments``."""
 
     def __init__(self, monkeypatch, module):
@@ -16,3 +18,16 @@ class Launches:
             original(team, count, args, split)
 
         monkeypatch.setattr(module, "launch", recorded)
+
+
+def launches_before_each_run(monkeypatch) -> tuple[Launches, list[int]]:
+    """The launches, and how many had run when each parameter's plan began its run."""
+    counter, before = Launches(monkeypatch, mlir_jit), []
+    run = mlir_jit.LaunchPlan.run
+
+    def recorded_run(self, *args):
+        before.append(len(counter.launches))
+        run(self, *args)
+
+    monkeypatch.setattr(mlir_jit.LaunchPlan, "run", recorded_run)
+    return counter, before

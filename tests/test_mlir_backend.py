@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from mlir_launches import Launches  # tests/ is on sys.path
+from mlir_launches import Launches, launches_before_each_run  # tests/ is on sys.path
 from same_result import assert_same_result
 
 import optgen
@@ -32,7 +32,7 @@ from optgen.codegen.mlir_team import team_function
 from optgen.codegen.plan import make_plan
 from optgen.codegen.quant import midpoints
 from optgen.codegen.spec import builtin_specs, load_spec
-from optgen.runtime import mlir_jit
+from optgen.runtime import mlir_jit, mlir_steps
 from optgen.runtime.state import QuantizedState
 
 # Plans with matrix stages: the MLIR emitter declines them (the torch kernels run them).  Plans with
@@ -508,25 +508,12 @@ def test_updates_in_place(name, monkeypatch):
     assert counter.launches
 
 
-def _launches_before_each_run(monkeypatch) -> tuple[Launches, list[int]]:
-    """The launches, and how many had run when each parameter's plan began its run."""
-    counter, before = Launches(monkeypatch, mlir_jit), []
-    run = mlir_jit._Plan.run
-
-    def recorded_run(self, *args):
-        before.append(len(counter.launches))
-        run(self, *args)
-
-    monkeypatch.setattr(mlir_jit._Plan, "run", recorded_run)
-    return counter, before
-
-
 @pytest.mark.parametrize("name", ["adamw", "adamw4bit"])
 def test_a_step_makes_every_launch_before_running_any(name, monkeypatch):
     # between kernels that stream megabytes Python runs with cold caches, so opt.step() makes each
     # parameter's launches first and runs them back to back after the last; a direct call of the
     # generated update runs its parameter's launches at once
-    counter, before = _launches_before_each_run(monkeypatch)
+    counter, before = launches_before_each_run(monkeypatch)
     params, grads = _inputs([(67, 131), (5000,), (3, 5, 301)], torch.float32, steps=1)
     for param, grad in zip(params, grads[0]):
         param.grad = grad
@@ -542,15 +529,20 @@ def test_a_step_makes_every_launch_before_running_any(name, monkeypatch):
     assert stepped == before[0] < before[1] < before[2] < len(counter.launches), (before, counter.launches)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw4bit"])
+@pytest.mark.parametrize("name", ["adamw", "adamw4bit", "factor4bit"])
 def test_launch_plans_are_kept_until_the_tensors_move(name, monkeypatch):
     # a parameter's launches are planned on its first step and kept while its tensors stay put (the
     # gradient may move: autograd allocates a new one after zero_grad()); a param moved by
     # ``param.data = ...``, a loaded state_dict or another thread count makes new plans, and every
     # step stays the torch backend's
     made = []
-    make = mlir_jit.Kernels._make_plan
-    monkeypatch.setattr(mlir_jit.Kernels, "_make_plan", lambda self, *args: made.append(args[0]) or make(self, *args))
+    for kernels in (mlir_jit.Kernels, mlir_steps.StepKernels):  # factor4bit's matrix: the reductions backend's
+
+        def counted(self, *args, make=kernels._make_plan):
+            made.append(args[0])
+            return make(self, *args)
+
+        monkeypatch.setattr(kernels, "_make_plan", counted)
     params, grads = _inputs([(67, 131), (5000,), (3, 5, 301)], torch.float32, steps=6)
     twins = [p.detach().clone().requires_grad_() for p in params]
     opt = optgen.load(name)(params, lr=LR, backend="mlir")

@@ -18,16 +18,19 @@ rounding boundary); float state computed from such parameters within that step (
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
-from mlir_launches import Launches  # tests/ is on sys.path
+from mlir_launches import Launches, launches_before_each_run  # tests/ is on sys.path
 from same_result import assert_same_result
 
 import optgen
 from optgen.codegen.emit_mlir import mlir_modules
 from optgen.codegen.plan import make_plan
 from optgen.codegen.spec import load_spec
-from optgen.runtime import mlir_steps
+from optgen.runtime import mlir_jit
 from optgen.runtime.state import QuantizedState
 
 TOLERANCE = 1e-6
@@ -93,7 +96,7 @@ def run(cls, backend: str, shape, dtype=torch.float32, steps: int = STEPS, grads
 
 
 def assert_matches_torch(cls, shape, monkeypatch, dtype=torch.float32, **hyper):
-    calls = Launches(monkeypatch, mlir_steps)
+    calls = Launches(monkeypatch, mlir_jit)
     p_mlir, s_mlir = run(cls, "mlir", shape, dtype, **hyper)
     assert calls.launches, "the MLIR kernels never ran"
     p_torch, s_torch = run(cls, "torch", shape, dtype, **hyper)
@@ -245,7 +248,7 @@ def test_threads_give_the_same_result_as_one_thread(all_reductions, monkeypatch)
         for count in (1, 2):
             torch.set_num_threads(count)  # the knob: the launches split over torch.get_num_threads() threads
             for name, cls in (("factor4bit", optgen.load("factor4bit")), ("allreductions", all_reductions)):
-                calls = Launches(monkeypatch, mlir_steps)
+                calls = Launches(monkeypatch, mlir_jit)
                 results[(name, count)] = run(cls, "mlir", shape, steps=2)
                 splits = {split for _, split in calls.launches}
                 assert max(splits) == count, f"{name}: launches split in {sorted(splits)}, not {count}"
@@ -256,7 +259,7 @@ def test_threads_give_the_same_result_as_one_thread(all_reductions, monkeypatch)
 
 
 def test_updates_in_place_and_auto_picks_mlir(monkeypatch):
-    calls = Launches(monkeypatch, mlir_steps)
+    calls = Launches(monkeypatch, mlir_jit)
     param = torch.nn.Parameter(torch.randn(129, 257))
     view = param.detach().view(-1)  # shares the storage: sees an in-place update, not a rebound .data
     before = view.clone()
@@ -276,7 +279,7 @@ def test_updates_in_place_and_auto_picks_mlir(monkeypatch):
 
 
 def test_state_of_the_wrong_size_is_not_handed_to_the_kernels(monkeypatch):
-    calls = Launches(monkeypatch, mlir_steps)
+    calls = Launches(monkeypatch, mlir_jit)
     param = torch.nn.Parameter(torch.randn(129, 257))
     opt = optgen.load("factor4bit")([param])
     param.grad = torch.randn(129, 257)
@@ -315,9 +318,46 @@ def test_declined_plans_say_why_and_run_on_torch(source, reason, tmp_path, monke
         path.write_text(source)
     modules = mlir_modules(make_plan(load_spec(path)))
     assert list(modules) == ["unsupported"] and reason in modules["unsupported"]
-    calls = Launches(monkeypatch, mlir_steps)
+    calls = Launches(monkeypatch, mlir_jit)
     param = torch.nn.Parameter(torch.randn(40, 70))
     opt = optgen.load(str(path))([param])
     param.grad = torch.randn(40, 70)
     opt.step()  # backend="auto": the torch kernels
     assert not calls.launches and torch.isfinite(param).all()
+
+
+def test_scratch_values_are_made_per_step_not_kept(monkeypatch):
+    # sinkgd's full-size scratch value and float64 partials (a column partial is 0.25 B/param) are made
+    # when a parameter's launches run and dropped after them: kept, they would be optimizer state by
+    # another name, and deferred jobs holding theirs all at once made sinkgd 1.5x slower
+    made, alive = [], []
+    allocate = mlir_jit.LaunchPlan._allocate
+
+    def recorded(self, slots, buffers):
+        alive.append(sum(ref() is not None for ref in made))  # other parameters' (and steps') buffers
+        allocate(self, slots, buffers)
+        made.extend(weakref.ref(b) for b in buffers)
+
+    monkeypatch.setattr(mlir_jit.LaunchPlan, "_allocate", recorded)
+    params = [torch.nn.Parameter(torch.randn(300, 200)) for _ in range(2)]
+    opt = optgen.load("sinkgd")(params, backend="mlir")
+    for _ in range(2):
+        for param in params:
+            param.grad = torch.randn(300, 200)
+        opt.step()
+    plan = opt.programs[0].module("mlir").KERNELS._plans[params[0]]
+    assert any(slot.numel == params[0].numel() for slot in plan.scratch) and not plan.held
+    assert alive == [0, 0, 0, 0] and len(made) == 4 * len(plan.scratch), alive
+    gc.collect()
+    assert all(ref() is None for ref in made), "a scratch value outlived its step"
+
+
+def test_a_step_makes_the_reduction_launches_before_running_any(monkeypatch):
+    # as for element-wise plans: each matrix's launches (and its scratch values' allocation) are
+    # queued and run back to back after the last parameter's Python
+    counter, before = launches_before_each_run(monkeypatch)
+    params = [torch.nn.Parameter(torch.randn(67, 131)), torch.nn.Parameter(torch.randn(129, 257))]
+    for param in params:
+        param.grad = torch.randn(param.shape)
+    optgen.load("factor4bit")(params, backend="mlir").step()
+    assert before == [0, 0] and len(counter.launches) >= 2 * 5, (before, counter.launches)

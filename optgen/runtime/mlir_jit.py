@@ -25,7 +25,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -264,7 +264,7 @@ class Kernels:
         )
         self.rank1 = any(s.normalize == "rank1" for s in schemes.values())
         self._compiled: dict[str, tuple[str, dict[str, int]]] = {}
-        self._plans = WeakIdKeyDictionary()  # param -> _Plan; a plan holds no tensor of the param's
+        self._plans = WeakIdKeyDictionary()  # param -> LaunchPlan; a plan holds no tensor of the param's
 
     def functions(self, variant: str) -> dict[str, int]:
         source = self.sources[variant]
@@ -302,7 +302,7 @@ class Kernels:
         fast = f"{name}-{host_isa()}"
         return fast if fast in self.sources else name
 
-    def plan(self, param: torch.Tensor, grad: torch.Tensor, state: dict) -> _Plan | None:
+    def plan(self, param: torch.Tensor, grad: torch.Tensor, state: dict) -> LaunchPlan | None:
         """This parameter's launches, or None where the torch kernels must run it.  Made on its first
         step and again only when its tensors move (``param.data``, state replaced, thread count):
         making them cost ~40 µs (adamw) to ~100 µs (adamw4bit) per parameter and step."""
@@ -317,22 +317,24 @@ class Kernels:
             plan = self._plans[param] = self._make_plan(variant, key, param, state)
         return plan
 
-    def _make_plan(self, variant: str, key: tuple, param: torch.Tensor, state: dict) -> _Plan:
+    def _make_plan(self, variant: str, key: tuple, param: torch.Tensor, state: dict) -> LaunchPlan:
         functions = self.functions(variant)
-        tensors = {"param": param, "grad": _GRAD, **state}
+        tensors = {"param": param, "grad": GRAD, **state}
         if self.schemes and not variant.endswith("-float"):
             return self._quantized_plan(variant, key, functions, param, tensors)
         numel = param.numel()
         split = pieces(numel, 1)
         steps = [
-            _Launch(functions[f"{s.name}_team"], numel, [_argument(tensors[k]) for k in s.tensors], s.scalars, split)
+            Launch(functions[f"{s.name}_team"], numel, [argument(tensors[k]) for k in s.tensors], s.scalars, split)
             for s in self.stages
             if s.op != "stats"  # the maxima behind quantization scales: none for float32 state
         ]
-        return _Plan(key, tuple(param.shape), steps, [], [])
+        return LaunchPlan(key, tuple(param.shape), steps, [], [])
 
     # -- quantized plans ---------------------------------------------------------------------------
-    def _quantized_plan(self, variant: str, key: tuple, functions: dict, param: torch.Tensor, tensors: dict) -> _Plan:
+    def _quantized_plan(
+        self, variant: str, key: tuple, functions: dict, param: torch.Tensor, tensors: dict
+    ) -> LaunchPlan:
         """The buffers the stats launches write and the write launches read are the plan's own."""
         layout = variant.split("-")[1]
         numel = param.numel()
@@ -368,7 +370,7 @@ class Kernels:
                 outputs = [(base + 4 * sum(sizes[:i]), width) for i in range(len(sizes))]  # width: a piece's stride
                 team = functions[f"{stage.name}_team"]
                 steps.append(maxima.zero_)  # the kernel raises the maxima it finds there
-                steps.append(_Launch(team, count, [*fixed, *args, *outputs], stage.scalars, split))
+                steps.append(Launch(team, count, [*fixed, *args, *outputs], stage.scalars, split))
                 if split == 1:  # its row holds the maxima
                     merged = maxima[0, :total]
                 else:
@@ -386,20 +388,20 @@ class Kernels:
                     steps.append(functools.partial(_new_scales, merged, sizes, shape, cut, stored, kernel))
                     new[stage.target] = stored, tuple(memref(t) for t in kernel)
                 continue
-            steps.append(_Launch(functions[f"{stage.name}_team"], count, [*fixed, *args], stage.scalars, split))
+            steps.append(Launch(functions[f"{stage.name}_team"], count, [*fixed, *args], stage.scalars, split))
             stores += [(k, new[k][0] if k in new else None) for k in stage.writes if k in self.schemes]
-        return _Plan(key, shape, steps, stores, held)
+        return LaunchPlan(key, shape, steps, stores, held)
 
     @staticmethod
     def _bundle(
         key: str, value, shape: tuple, new: tuple | None, olds: dict, held: list, steps: list, cut: int
     ) -> list:
-        """The memref arguments of one tensor (the gradient's: ``_GRAD``), or a quantized state's codes
+        """The memref arguments of one tensor (the gradient's: ``GRAD``), or a quantized state's codes
         and scales.  ``olds``: per key, memrefs of the kernel scales made from the stored ones: the
         stored scales themselves, or (N-d rank-1) buffers of the plan (``held``) refilled by a step
         added to ``steps``; ``cut``: see ``rank1_cut``."""
         if not isinstance(value, QuantizedState):
-            return [_argument(value)]
+            return [argument(value)]
         normalize, _ = value.scheme.layout(shape)
         if normalize == "block":
             return [memref(value.codes), memref(value.scales)]
@@ -418,16 +420,35 @@ class Kernels:
         return [memref(value.codes), *old, *fresh]
 
 
-_GRAD = object()  # in a plan's arguments: the gradient's memref (autograd may allocate a new one each step)
+@dataclass(eq=False)
+class Slot:
+    """A plan argument filled in per step: the gradient's memref (``GRAD``: autograd may allocate a
+    new gradient each step), or a scratch buffer of ``numel`` entries allocated per step (``fill``:
+    its first value, None: uninitialized).  A full-size scratch buffer kept between steps would be
+    optimizer state by another name."""
+
+    numel: int = 0
+    dtype: torch.dtype = torch.float32
+    fill: float | None = None
+
+    def allocate(self) -> torch.Tensor:
+        if self.fill is None:
+            return torch.empty(self.numel, dtype=self.dtype)
+        return torch.full((self.numel,), self.fill, dtype=self.dtype)
 
 
-def _argument(value) -> object:
-    return value if value is _GRAD else memref(value)
+GRAD = Slot()
+
+
+def argument(value) -> object:
+    """A tensor's memref argument, or the ``Slot`` that stands for one until a step fills it in."""
+    return value if isinstance(value, Slot) else memref(value)
 
 
 @dataclass
-class _Launch:
-    """A launch of a plan; ``args`` hold ``_GRAD`` where the gradient goes, the scalars follow."""
+class Launch:
+    """A launch of a plan; ``args`` hold a ``Slot`` where the gradient or a scratch buffer goes, the
+    scalars follow."""
 
     team: int
     count: int
@@ -435,10 +456,13 @@ class _Launch:
     scalars: tuple[str, ...]
     split: int
 
-    def bind(self, gradient: tuple[int, int], state: dict, scalars: dict) -> Callable[[], None]:
-        args = [gradient if arg is _GRAD else arg for arg in self.args]
-        args += [float(scalars[name]) for name in self.scalars]
-        return functools.partial(launch, self.team, self.count, args, self.split)
+    def bind(self, slots: dict, state: dict, scalars: dict) -> Callable[[], None]:
+        return functools.partial(self.run, slots, [float(scalars[name]) for name in self.scalars])
+
+    def run(self, slots: dict, values: list) -> None:
+        """``slots``: their memrefs, filled in by the time the launch runs."""
+        args = [slots[arg] if isinstance(arg, Slot) else arg for arg in self.args]
+        launch(self.team, self.count, args + values, self.split)
 
 
 @dataclass
@@ -450,28 +474,32 @@ class _OldScales:
     cut: int
     kernel: tuple[torch.Tensor, torch.Tensor]
 
-    def bind(self, gradient: tuple[int, int], state: dict, scalars: dict) -> Callable[[], None]:
+    def bind(self, slots: dict, state: dict, scalars: dict) -> Callable[[], None]:
         stored = state[self.key].scales
         return functools.partial(_fill_kernel_scales, stored.split(list(self.shape)), self.shape, self.cut, self.kernel)
 
 
 @dataclass
-class _Plan:
+class LaunchPlan:
     """One parameter's step as launches over fixed addresses (``key``: those addresses, see
     ``_plan_key``); ``steps``: launches, their fillers (``_OldScales``) and torch ops on ``held``,
     the plan's buffers; ``stores``: the quantized states written, with their new scales (None:
-    written by the kernels)."""
+    written by the kernels); ``scratch``: buffers made per step."""
 
     key: tuple
     shape: tuple
     steps: list
     stores: list[tuple[str, torch.Tensor | None]]
     held: list[torch.Tensor]
+    scratch: list[Slot] = field(default_factory=list)  # allocated per step
 
     def run(self, grad: torch.Tensor, state: dict, scalars: dict) -> None:
         """One step: now, or inside ``deferred()`` when the block ends."""
-        gradient = memref(grad)
-        calls = [s.bind(gradient, state, scalars) if isinstance(s, _Launch | _OldScales) else s for s in self.steps]
+        slots = {GRAD: memref(grad)}
+        calls = [s.bind(slots, state, scalars) if isinstance(s, Launch | _OldScales) else s for s in self.steps]
+        if self.scratch:  # made when the job's launches run and dropped after them, so deferred jobs
+            buffers: list[torch.Tensor] = []  # do not all hold theirs at once (sinkgd: 1.5x slower)
+            calls = [functools.partial(self._allocate, slots, buffers), *calls, buffers.clear]
         finish = [functools.partial(_store_scales, state[k], new, self.shape) for k, new in self.stores]
         job = _Job(calls, finish, self.held)
         queue = getattr(_DEFERRED, "jobs", None)
@@ -479,6 +507,10 @@ class _Plan:
             _run_jobs([job])
         else:
             queue.append(job)
+
+    def _allocate(self, slots: dict, buffers: list) -> None:
+        buffers[:] = [slot.allocate() for slot in self.scratch]
+        slots.update(zip(self.scratch, map(memref, buffers)))
 
 
 def _plan_key(param: torch.Tensor, state: dict) -> tuple:

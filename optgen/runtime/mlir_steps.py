@@ -5,7 +5,8 @@ values that cross launches (float32: rows numel / C, cols B * C, scalar 1, full 
 float64 partials of reductions along columns (one per stripe of ``stripe`` rows and column) and
 over everything (one per work unit), calls each launch over its work units split across threads,
 then ``finish_<op>`` over the partials (in unit order: the same bits for any thread count).
-Compilation, the memref calling convention and the threads are ``mlir_jit``'s.
+Compilation, the memref calling convention, the threads and the launch plans kept per parameter
+(``StepKernels._make_plan``; scratch values and partials are ``Slot``s, made per step) are ``mlir_jit``'s.
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ from dataclasses import dataclass
 import torch
 
 from optgen.codegen.quant import QuantScheme
-from optgen.runtime.mlir_jit import F64, Kernels, kernel_dtype, launch, memref, pieces, warn_if_not_finite
+from optgen.runtime.mlir_jit import (
+    F64,
+    GRAD,
+    Kernels,
+    Launch,
+    LaunchPlan,
+    Slot,
+    argument,
+    kernel_dtype,
+    memref,
+    pieces,
+)
 from optgen.runtime.state import QuantizedState
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -87,7 +99,9 @@ class StepKernels(Kernels):
             return self.fastest(f"{dtype}-quantized")
         return f"{dtype}-float" if not quantized else None
 
-    def run(self, variant: str, param: torch.Tensor, grad: torch.Tensor, state: dict, scalars: dict) -> None:
+    def _make_plan(self, variant: str, key: tuple, param: torch.Tensor, state: dict) -> LaunchPlan:
+        """The launches, and the finishes of their partials, in order; every scratch value and partial
+        is a ``Slot`` allocated per step, as before plans (nothing kept between steps but addresses)."""
         functions = self.functions(variant)
         shape = tuple(param.shape)
         numel = param.numel()
@@ -96,14 +110,17 @@ class StepKernels(Kernels):
         batch = numel // cols // rows
         stripes = -(-rows // self.stripe)
         extents = _extents(shape)
-        tensors = {"param": param, "grad": grad, **state}
-        for key, kind in self.buffers.items():
-            tensors[key] = torch.empty(extents[kind], dtype=torch.float32)
+        tensors = {"param": param, "grad": GRAD, **state}
+        scratch = [Slot(extents[kind]) for kind in self.buffers.values()]
+        tensors |= dict(zip(self.buffers, scratch))
+        steps, stores = [], []
         for step in self.steps:
             team = functions[f"{step.name}_team"]
-            values = [float(scalars[n]) for n in step.scalars]
             if step.quantized and "-quantized" in variant:  # the float variant walks stripes
-                self._quantized(step, team, tensors, values, shape, cols * rows)
+                count = -(-numel // self.superblock)
+                args = [numel, cols, cols * rows, *_arguments(step, tensors)]
+                steps.append(Launch(team, count, args, step.scalars, pieces(count, self.superblock)))
+                stores += [(k, None) for k in step.writes if isinstance(tensors[k], QuantizedState)]  # NaN check
                 continue
             if step.domain == "full":
                 units, per_unit = batch * stripes, self.stripe * cols
@@ -112,30 +129,28 @@ class StepKernels(Kernels):
                 units, per_unit = -(-extents[step.domain] // self.chunk), self.chunk
                 fixed = [extents[step.domain]]
             partials = [
-                torch.full((stripes * batch * cols if dim == -2 else units,), _NEUTRAL[how], dtype=torch.float64)
+                Slot(stripes * batch * cols if dim == -2 else units, torch.float64, _NEUTRAL[how])
                 for _, how, dim in step.partials
             ]
-            args = [*(memref(tensors[k]) for k in step.tensors), *(memref(p) for p in partials)]
-            launch(team, units, [*fixed, *args, *values], pieces(units, per_unit))
-            for (key, how, dim), partial in zip(step.partials, partials):
+            scratch += partials
+            args = [*fixed, *_arguments(step, tensors), *partials]
+            steps.append(Launch(team, units, args, step.scalars, pieces(units, per_unit)))
+            for (k, how, dim), partial in zip(step.partials, partials):
                 count, width, n = (stripes, batch * cols, rows) if dim == -2 else (units, 1, extents[step.domain])
-                finish = [count, width, F64(n), memref(partial), memref(tensors[key])]
-                launch(functions[f"finish_{how}_team"], width, finish, pieces(width, count))
+                finish = [count, width, F64(n), partial, argument(tensors[k])]
+                steps.append(Launch(functions[f"finish_{how}_team"], width, finish, (), pieces(width, count)))
+        return LaunchPlan(key, shape, steps, stores, [], scratch)
 
-    def _quantized(self, step: Step, team: int, tensors: dict, values: list, shape: tuple, matrix: int) -> None:
-        """A launch over super-blocks of the flat tensor (block-wise quantized state)."""
-        numel = math.prod(shape)
-        cols = shape[-1] if shape else 1
-        args = []
-        for key in step.tensors:
-            value = tensors[key]
-            quantized = isinstance(value, QuantizedState)  # block-wise (see emit_mlir_steps)
-            args += [memref(value.codes), memref(value.scales)] if quantized else [memref(value)]
-        count = -(-numel // self.superblock)
-        launch(team, count, [numel, cols, matrix, *args, *values], pieces(count, self.superblock))
-        for key in step.writes:
-            if isinstance(tensors[key], QuantizedState):
-                warn_if_not_finite(tensors[key], shape)
+
+def _arguments(step: Step, tensors: dict) -> list:
+    """A launch's memref arguments: a quantized state's codes and scales (block-wise, see
+    emit_mlir_steps), a tensor, or the ``Slot`` of the gradient or a scratch value."""
+    out = []
+    for key in step.tensors:
+        value = tensors[key]
+        quantized = isinstance(value, QuantizedState)
+        out += [memref(value.codes), memref(value.scales)] if quantized else [argument(value)]
+    return out
 
 
 def _extents(shape: tuple) -> dict[str, int]:
