@@ -101,7 +101,7 @@ class StepKernels(Kernels):
 
     def _make_plan(self, variant: str, key: tuple, param: torch.Tensor, state: dict) -> LaunchPlan:
         """The launches, and the finishes of their partials, in order; every scratch value and partial
-        is a ``Slot`` allocated per step, as before plans (nothing kept between steps but addresses)."""
+        is a ``Slot``, made per step (the plan keeps addresses, no buffer)."""
         functions = self.functions(variant)
         shape = tuple(param.shape)
         numel = param.numel()
