@@ -136,7 +136,7 @@ def _has_variant(isa: str, bits: int) -> bool:
 
 
 def _compare(name: str, dtype: torch.dtype, shapes, monkeypatch, spec: str | None = None) -> None:
-    counter = Launches(monkeypatch, mlir_jit)
+    counter = Launches(monkeypatch)
     mlir_params, mlir_opt = _train(name, "mlir", shapes, dtype, spec=spec)
     assert counter.launches, f"{name}: the MLIR kernels never ran"
     torch_params, torch_opt = _train(name, "torch", shapes, dtype, spec=spec)
@@ -487,7 +487,7 @@ def _values(state_value) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["adamw", "adamw4bit", "adamw8bit", "sgdm4bit"])
 def test_updates_in_place(name, monkeypatch):
-    counter = Launches(monkeypatch, mlir_jit)
+    counter = Launches(monkeypatch)
     params, grads = _inputs([(67, 131)], torch.float32, steps=3)
     param = params[0]
     view = param.detach().view(-1)  # shares the storage: sees an in-place update, not a rebound .data
@@ -592,7 +592,7 @@ def test_a_launch_plan_keeps_no_tensor_alive():
 
 def test_parameters_before_a_failing_one_are_still_stepped(monkeypatch):
     # their step counters were advanced when their launches were made: the queue runs on an error too
-    counter = Launches(monkeypatch, mlir_jit)
+    counter = Launches(monkeypatch)
     params, grads = _inputs([(67, 131), (67, 131)], torch.float32, steps=1)
     alone = params[0].detach().clone().requires_grad_()
     params[0].grad, alone.grad = grads[0][0], grads[0][0].clone()
@@ -619,7 +619,7 @@ def test_threads_give_the_same_result_as_one_thread(monkeypatch):
         for count in (1, 4):
             torch.set_num_threads(count)  # the knob: mlir_jit splits over torch.get_num_threads() threads
             for name in ("adamw", "adamw4bit", "adamw8bit", "sgdm4bit"):
-                counter = Launches(monkeypatch, mlir_jit)
+                counter = Launches(monkeypatch)
                 params, opt = _train(name, "mlir", [shape], torch.float32, steps=2)
                 assert {split for _, split in counter.launches} == {count}, f"{name}: not split in {count}"
                 results[(name, count)] = (params[0].detach().clone(), opt.state[params[0]])
@@ -636,7 +636,7 @@ def test_each_thread_reduces_into_its_own_cache_lines(monkeypatch):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(4)
-        counter = Launches(monkeypatch, mlir_jit)
+        counter = Launches(monkeypatch)
         _train("adamw4bit", "mlir", [shape], torch.float32, steps=1)
     finally:
         torch.set_num_threads(threads)

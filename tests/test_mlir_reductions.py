@@ -96,7 +96,7 @@ def run(cls, backend: str, shape, dtype=torch.float32, steps: int = STEPS, grads
 
 
 def assert_matches_torch(cls, shape, monkeypatch, dtype=torch.float32, **hyper):
-    calls = Launches(monkeypatch, mlir_jit)
+    calls = Launches(monkeypatch)
     p_mlir, s_mlir = run(cls, "mlir", shape, dtype, **hyper)
     assert calls.launches, "the MLIR kernels never ran"
     p_torch, s_torch = run(cls, "torch", shape, dtype, **hyper)
@@ -248,7 +248,7 @@ def test_threads_give_the_same_result_as_one_thread(all_reductions, monkeypatch)
         for count in (1, 2):
             torch.set_num_threads(count)  # the knob: the launches split over torch.get_num_threads() threads
             for name, cls in (("factor4bit", optgen.load("factor4bit")), ("allreductions", all_reductions)):
-                calls = Launches(monkeypatch, mlir_jit)
+                calls = Launches(monkeypatch)
                 results[(name, count)] = run(cls, "mlir", shape, steps=2)
                 splits = {split for _, split in calls.launches}
                 assert max(splits) == count, f"{name}: launches split in {sorted(splits)}, not {count}"
@@ -259,7 +259,7 @@ def test_threads_give_the_same_result_as_one_thread(all_reductions, monkeypatch)
 
 
 def test_updates_in_place_and_auto_picks_mlir(monkeypatch):
-    calls = Launches(monkeypatch, mlir_jit)
+    calls = Launches(monkeypatch)
     param = torch.nn.Parameter(torch.randn(129, 257))
     view = param.detach().view(-1)  # shares the storage: sees an in-place update, not a rebound .data
     before = view.clone()
@@ -279,7 +279,7 @@ def test_updates_in_place_and_auto_picks_mlir(monkeypatch):
 
 
 def test_state_of_the_wrong_size_is_not_handed_to_the_kernels(monkeypatch):
-    calls = Launches(monkeypatch, mlir_jit)
+    calls = Launches(monkeypatch)
     param = torch.nn.Parameter(torch.randn(129, 257))
     opt = optgen.load("factor4bit")([param])
     param.grad = torch.randn(129, 257)
@@ -318,7 +318,7 @@ def test_declined_plans_say_why_and_run_on_torch(source, reason, tmp_path, monke
         path.write_text(source)
     modules = mlir_modules(make_plan(load_spec(path)))
     assert list(modules) == ["unsupported"] and reason in modules["unsupported"]
-    calls = Launches(monkeypatch, mlir_jit)
+    calls = Launches(monkeypatch)
     param = torch.nn.Parameter(torch.randn(40, 70))
     opt = optgen.load(str(path))([param])
     param.grad = torch.randn(40, 70)

@@ -396,15 +396,13 @@ class Kernels:
     def _bundle(
         key: str, value, shape: tuple, new: tuple | None, olds: dict, held: list, steps: list, cut: int
     ) -> list:
-        """The memref arguments of one tensor (the gradient's: ``GRAD``), or a quantized state's codes
-        and scales.  ``olds``: per key, memrefs of the kernel scales made from the stored ones: the
+        """The memref arguments of one tensor (``arguments``), or a rank-1 / per-tensor quantized
+        state's codes and scales.  ``olds``: per key, memrefs of the kernel scales made from the stored ones: the
         stored scales themselves, or (N-d rank-1) buffers of the plan (``held``) refilled by a step
         added to ``steps``; ``cut``: see ``rank1_cut``."""
-        if not isinstance(value, QuantizedState):
-            return [argument(value)]
-        normalize, _ = value.scheme.layout(shape)
-        if normalize == "block":
-            return [memref(value.codes), memref(value.scales)]
+        normalize = value.scheme.layout(shape)[0] if isinstance(value, QuantizedState) else None
+        if normalize in (None, "block"):
+            return arguments(value)
         if key not in olds:
             if normalize != "rank1":
                 olds[key] = (memref(value.scales),)
@@ -445,6 +443,14 @@ def argument(value) -> object:
     return value if isinstance(value, Slot) else memref(value)
 
 
+def arguments(value) -> list:
+    """The memref arguments of a tensor (or its ``Slot``), or of a block-wise quantized state: its
+    codes, then its scales."""
+    if isinstance(value, QuantizedState):
+        return [memref(value.codes), memref(value.scales)]
+    return [argument(value)]
+
+
 @dataclass
 class Launch:
     """A launch of a plan; ``args`` hold a ``Slot`` where the gradient or a scratch buffer goes, the
@@ -479,6 +485,9 @@ class _OldScales:
         return functools.partial(_fill_kernel_scales, stored.split(list(self.shape)), self.shape, self.cut, self.kernel)
 
 
+_BOUND = (Launch, _OldScales)  # plan steps bound per step; the others (torch ops on held buffers) run as they are
+
+
 @dataclass
 class LaunchPlan:
     """One parameter's step as launches over fixed addresses (``key``: those addresses, see
@@ -496,7 +505,7 @@ class LaunchPlan:
     def run(self, grad: torch.Tensor, state: dict, scalars: dict) -> None:
         """One step: now, or inside ``deferred()`` when the block ends."""
         slots = {GRAD: memref(grad)}
-        calls = [s.bind(slots, state, scalars) if isinstance(s, Launch | _OldScales) else s for s in self.steps]
+        calls = [s.bind(slots, state, scalars) if isinstance(s, _BOUND) else s for s in self.steps]
         if self.scratch:  # made when the job's launches run and dropped after them, so deferred jobs
             buffers: list[torch.Tensor] = []  # do not all hold theirs at once (sinkgd: 1.5x slower)
             calls = [functools.partial(self._allocate, slots, buffers), *calls, buffers.clear]

@@ -25,8 +25,8 @@ from optgen.runtime.mlir_jit import (
     LaunchPlan,
     Slot,
     argument,
+    arguments,
     kernel_dtype,
-    memref,
     pieces,
 )
 from optgen.runtime.state import QuantizedState
@@ -116,9 +116,10 @@ class StepKernels(Kernels):
         steps, stores = [], []
         for step in self.steps:
             team = functions[f"{step.name}_team"]
+            memrefs = [a for k in step.tensors for a in arguments(tensors[k])]
             if step.quantized and "-quantized" in variant:  # the float variant walks stripes
                 count = -(-numel // self.superblock)
-                args = [numel, cols, cols * rows, *_arguments(step, tensors)]
+                args = [numel, cols, cols * rows, *memrefs]
                 steps.append(Launch(team, count, args, step.scalars, pieces(count, self.superblock)))
                 stores += [(k, None) for k in step.writes if isinstance(tensors[k], QuantizedState)]  # NaN check
                 continue
@@ -133,24 +134,13 @@ class StepKernels(Kernels):
                 for _, how, dim in step.partials
             ]
             scratch += partials
-            args = [*fixed, *_arguments(step, tensors), *partials]
+            args = [*fixed, *memrefs, *partials]
             steps.append(Launch(team, units, args, step.scalars, pieces(units, per_unit)))
             for (k, how, dim), partial in zip(step.partials, partials):
                 count, width, n = (stripes, batch * cols, rows) if dim == -2 else (units, 1, extents[step.domain])
                 finish = [count, width, F64(n), partial, argument(tensors[k])]
                 steps.append(Launch(functions[f"finish_{how}_team"], width, finish, (), pieces(width, count)))
         return LaunchPlan(key, shape, steps, stores, [], scratch)
-
-
-def _arguments(step: Step, tensors: dict) -> list:
-    """A launch's memref arguments: a quantized state's codes and scales (block-wise, see
-    emit_mlir_steps), a tensor, or the ``Slot`` of the gradient or a scratch value."""
-    out = []
-    for key in step.tensors:
-        value = tensors[key]
-        quantized = isinstance(value, QuantizedState)
-        out += [memref(value.codes), memref(value.scales)] if quantized else [argument(value)]
-    return out
 
 
 def _extents(shape: tuple) -> dict[str, int]:
