@@ -470,6 +470,18 @@ def test_nan_gradient_is_not_silent(name):
     assert torch.equal(results["mlir"].isnan(), results["torch"].isnan())
 
 
+def test_the_non_finite_warning_names_the_states_it_reached(recwarn):
+    # every written state is checked in one reduction per step; a warning then names each state
+    # holding NaN/Inf (here both moments of the second parameter), none of the first's
+    params, grads = _inputs([(300, 200), (67, 131)], torch.float32, steps=1)
+    grads[0][1][3, 5] = float("nan")
+    for p, g in zip(params, grads[0]):
+        p.grad = g
+    optgen.load("adamw4bit")(params, lr=LR, backend="mlir").step()
+    messages = [str(w.message) for w in recwarn if "non-finite" in str(w.message)]
+    assert len(messages) == 2 and all("(67, 131)" in m for m in messages), messages
+
+
 # -- in place, threads -----------------------------------------------------------------------------
 def _storage(opt, param) -> dict[str, int]:
     out = {"param": param.data_ptr()}
@@ -590,23 +602,42 @@ def test_a_launch_plan_keeps_no_tensor_alive():
     assert all(t() is None for t in tensors) and len(plans) == before - 1
 
 
-def test_parameters_before_a_failing_one_are_still_stepped(monkeypatch):
-    # their step counters were advanced when their launches were made: the queue runs on an error too
+def test_a_failing_step_leaves_no_parameter_half_stepped(monkeypatch):
+    # a sparse gradient is refused before any parameter of its group is stepped (as torch.optim
+    # does); an update failing midway leaves the parameters before it stepped (their launches run
+    # when the deferred block ends) and the step counters of it and those after it as they were
     counter = Launches(monkeypatch)
-    params, grads = _inputs([(67, 131), (67, 131)], torch.float32, steps=1)
-    alone = params[0].detach().clone().requires_grad_()
-    params[0].grad, alone.grad = grads[0][0], grads[0][0].clone()
+    params, grads = _inputs([(67, 131)] * 3, torch.float32, steps=1)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
     params[1].grad = grads[0][1].to_sparse()
     opt = optgen.load("adamw4bit")(params, lr=LR, backend="mlir")
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+    assert not counter.launches and all(torch.equal(p, b) for p, b in zip(params, before))
+
+    params[1].grad = grads[0][1].clone()
+    plan = mlir_jit.Kernels.plan
+
+    def failing(self, param, grad, state):
+        if param is params[1]:
+            raise mlir_jit.MlirBackendError("made to fail")
+        return plan(self, param, grad, state)
+
+    monkeypatch.setattr(mlir_jit.Kernels, "plan", failing)
+    with pytest.raises(mlir_jit.MlirBackendError, match="made to fail"):
+        opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [1.0, 0.0, 0.0]
     assert counter.launches, "the first parameter's launches did not run"
+    assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
+    alone = before[0].clone().requires_grad_()
+    alone.grad = grads[0][0].clone()
     reference = optgen.load("adamw4bit")([alone], lr=LR, backend="mlir")
     reference.step()
     assert_same_result(
         "adamw4bit", (params[0].detach(), opt.state[params[0]]), (alone.detach(), reference.state[alone])
     )
-    assert not opt.state[params[1]]
 
 
 def test_threads_give_the_same_result_as_one_thread(monkeypatch):

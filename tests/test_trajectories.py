@@ -220,6 +220,21 @@ def test_lr_scheduler_drives_both(name, scheduler, dtype):
     assert lrs[-1] < kwargs["lr"]
 
 
+def test_a_tensor_lr_changed_in_place_is_used():
+    # the hyperparameter tensors are kept while a group's numbers stay the same, never for a tensor
+    # value: a float32 lr halved in place each step (as a scheduler fills one) is read every step
+    shapes = [(4097,), (7, 13)]
+    ours, oracle = make_params(shapes, torch.float32, seed=5)
+    lr = torch.tensor(1e-2)
+    opt, ref = AdamW(ours, lr=lr, weight_decay=0.05), torch.optim.AdamW(oracle, lr=float(lr), weight_decay=0.05)
+
+    def after_step(step):
+        lr.mul_(0.5)
+        ref.param_groups[0]["lr"] = float(lr)
+
+    run_against_torch(ours, oracle, opt, ref, shapes, torch.float32, seed=6, after_step=after_step)
+
+
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
 def test_params_without_grad_are_skipped(name):
     ours_cls, ref_cls = PAIRS[name]

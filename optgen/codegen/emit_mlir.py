@@ -47,8 +47,9 @@ MAX_SUPERBLOCK = 4096  # elements kept on the stack per block-wise quantized sta
 # 1 thread 2.6 -> 2.0 ms; on 2 threads 1.6 -> 1.1-1.5 ms); its map stage keeps the blocks' size
 STATS_SUPERBLOCK = 512
 # tables over 16 entries encode through buckets of 2**16 consecutive float32 keys: small enough that no
-# bucket of the 8-bit tables holds two midpoints, so a code is 2 gathers, not 3-4 (adamw8bit's step
-# 33 -> 28 ms per 10x1M on 1 thread; 2**18: 2-3 midpoints per bucket), for 256 KiB tables (L2)
+# bucket of the 8-bit tables holds two midpoints, so a code is one lookup of the bucket's count and the
+# low key bits of the midpoint inside it (adamw8bit's step 33 -> 28 ms per 10x1M on 1 thread with two
+# lookups, a count then the midpoint; 2**18: 2-3 midpoints per bucket), for 256 KiB tables (L2)
 BUCKET_SHIFT = 16
 # top bits of an AVX-512 8-bit encode found by counting, not searching (_search_bytes): adamw8bit's
 # map on 10x1M, 1 thread: 2 levels 21.2 ms, 3: 20.0, 4: 21.4, 5: 29.0, binary search only: 23.8
@@ -543,19 +544,19 @@ def _doc(stage: Stage) -> list[str]:
 
 
 def _table_global(scheme: QuantScheme, what: str, globals_: dict) -> str:
-    """A constant table of the scheme: "table" (its values), "midpoints" (the bucket search's probes)
-    or "buckets" (each bucket's count of midpoints below it, i32)."""
+    """A constant table of the scheme: "table" (its values) or "buckets" (see ``_buckets``, i32)."""
     name = f"@{what}_{scheme.name.replace('-', '_')}"
     if name in globals_:
         return name
     if what == "buckets":
-        firsts = _buckets(scheme)[0]
-        raw = b"".join(struct.pack("<i", f) for f in firsts).hex().upper()  # MLIR's hex form: raw bytes
-        globals_[name] = f'memref.global "private" constant {name} : memref<{len(firsts)}xi32> = dense<"0x{raw}">'
+        entries = _buckets(scheme)
+        raw = b"".join(struct.pack("<I", e) for e in entries).hex().upper()  # MLIR's hex form: raw bytes
+        globals_[name] = f'memref.global "private" constant {name} : memref<{len(entries)}xi32> = dense<"0x{raw}">'
     else:
-        values = scheme.values if what == "table" else _bucket_probes(scheme)
-        dense = ", ".join(f32_literal(v) for v in values)
-        globals_[name] = f'memref.global "private" constant {name} : memref<{len(values)}xf32> = dense<[{dense}]>'
+        dense = ", ".join(f32_literal(v) for v in scheme.values)
+        globals_[name] = (
+            f'memref.global "private" constant {name} : memref<{len(scheme.values)}xf32> = dense<[{dense}]>'
+        )
     return name
 
 
@@ -1136,72 +1137,62 @@ def _safe_scale(body: Body, ind: int, scale: str, type_: str = "f32") -> str:
 
 
 def _bucket_encode(body: Body, ind: int, scheme: QuantScheme, x: str, globals_: dict) -> str:
-    """The count of midpoints below x for a large table: x's float32 bits as an order-preserving
-    key, its top bits a bucket, the bucket's count of midpoints below it from a table, plus a
-    comparison with each of the next few midpoints (a bucket holds at most that many; past it they
-    lie above x).  Loads instead of a select tree: the 8-bit encode had 57 selects and 2 dependent
-    loads; now 2 independent loads (BUCKET_SHIFT: one midpoint per bucket).  NaN: code 0, as the search gives."""
-    firsts, most = _buckets(scheme)
-    counts = _table_global(scheme, "buckets", globals_)
-    mids = _table_global(scheme, "midpoints", globals_)
-    n_mids = len(_bucket_probes(scheme))
+    """The count of midpoints below x for a large table: x's float32 bits as an order-preserving key,
+    its top bits a bucket, and from one lookup of the bucket's entry (``_buckets``) the count below
+    the bucket plus one if x's low key bits are above those of the midpoint inside it.  One load per
+    code: a select tree took 57 selects and 2 dependent loads, a count and then a midpoint 2 loads.
+    NaN: code 0, as the search gives."""
+    entries = _buckets(scheme)
+    table = _table_global(scheme, "buckets", globals_)
+    i32 = lambda value: body.const(str(value), "i32")  # noqa: E731
     bits = body.op(f"arith.bitcast {x} : f32 to i32", ind)
-    negative = body.op(f"arith.cmpi slt, {bits}, {body.const('0', 'i32')} : i32", ind)
+    negative = body.op(f"arith.cmpi slt, {bits}, {i32(0)} : i32", ind)
     # negative floats: all bits flipped (larger magnitude, smaller key); others: the sign bit set
-    flip = body.op(
-        f"arith.select {negative}, {body.const('-1', 'i32')}, {body.const(str(-(1 << 31)), 'i32')} : i32", ind
-    )
+    flip = body.op(f"arith.select {negative}, {i32(-1)}, {i32(-(1 << 31))} : i32", ind)
     key = body.op(f"arith.xori {bits}, {flip} : i32", ind)
-    bucket = body.op(f"arith.shrui {key}, {body.const(str(BUCKET_SHIFT), 'i32')} : i32", ind)
-    table = body.op(f"memref.get_global {counts} : memref<{len(firsts)}xi32>", ind)
-    at = body.op(f"arith.index_castui {bucket} : i32 to index", ind)
-    first = body.op(f"memref.load {table}[{at}] : memref<{len(firsts)}xi32>", ind)
-    probes = body.op(f"memref.get_global {mids} : memref<{n_mids}xf32>", ind)
-    code = first
-    for j in range(most):
-        # a signed cast (the index is small): x86 gathers then take 32-bit indices, one instruction
-        # per 16 lanes instead of two (adamw8bit's step ~10% faster)
-        at = body.op(f"arith.addi {first}, {body.const(str(j), 'i32')} : i32", ind)
-        mid = body.op(
-            f"memref.load {probes}[{body.op(f'arith.index_cast {at} : i32 to index', ind)}] : memref<{n_mids}xf32>",
-            ind,
-        )
-        below = body.op(f"arith.cmpf olt, {mid}, {x} : f32", ind)
-        code = body.op(f"arith.addi {code}, {body.op(f'arith.extui {below} : i1 to i32', ind)} : i32", ind)
-    # NaN: code 0 (its bucket's count is 0, but for payloads that share a bucket with an infinity)
+    bucket = body.op(f"arith.shrui {key}, {i32(BUCKET_SHIFT)} : i32", ind)
+    # a signed cast (the index is small): x86 gathers then take 32-bit indices, one instruction per 16
+    # lanes instead of two (adamw8bit's step ~10% faster)
+    at = body.op(f"arith.index_cast {bucket} : i32 to index", ind)
+    lookup = body.op(f"memref.get_global {table} : memref<{len(entries)}xi32>", ind)
+    entry = body.op(f"memref.load {lookup}[{at}] : memref<{len(entries)}xi32>", ind)
+    low = i32((1 << BUCKET_SHIFT) - 1)
+    above = body.op(
+        f"arith.cmpi ugt, {body.op(f'arith.andi {key}, {low} : i32', ind)}, "
+        f"{body.op(f'arith.andi {entry}, {low} : i32', ind)} : i32",
+        ind,
+    )
+    count = body.op(f"arith.shrui {entry}, {i32(BUCKET_SHIFT)} : i32", ind)
+    code = body.op(f"arith.addi {count}, {body.op(f'arith.extui {above} : i1 to i32', ind)} : i32", ind)
+    # NaN: code 0 (NaN keys lie beyond the infinities', in buckets whose counts are not 0)
     nan = body.op(f"arith.cmpf uno, {x}, {x} : f32", ind)
-    code = body.op(f"arith.select {nan}, {body.const('0', 'i32')}, {code} : i32", ind)
+    code = body.op(f"arith.select {nan}, {i32(0)}, {code} : i32", ind)
     return body.op(f"arith.trunci {code} : i32 to i8", ind)
 
 
 @functools.cache
-def _buckets(scheme: QuantScheme) -> tuple[tuple[int, ...], int]:
-    """Per bucket of float32 keys (see _bucket_encode): the count of float32 midpoints below its
-    smallest float; and the most midpoints any bucket holds (its floats' counts exceed the first
-    by at most that).  Buckets of NaNs only: 0 (the kernel selects code 0 for NaN)."""
-    mids = [_as_f32(m) for m in midpoints(scheme.values)]
-    firsts, most = [], 0
-    for b in range(1 << (32 - BUCKET_SHIFT)):
-        ends = [_float_of_key(b << BUCKET_SHIFT), _float_of_key(((b + 1) << BUCKET_SHIFT) - 1)]
-        ends = [v for v in ends if not math.isnan(v)]  # NaNs lie only at the ends of the key order
-        if not ends:
-            firsts.append(0)
-            continue
-        first, last = bisect.bisect_left(mids, ends[0]), bisect.bisect_left(mids, ends[-1])
-        firsts.append(first)
-        most = max(most, last - first)
-    return tuple(firsts), most
+def _buckets(scheme: QuantScheme) -> tuple[int, ...]:
+    """Per bucket of float32 keys (see ``_bucket_encode``): the count of float32 midpoints below it,
+    shifted up ``BUCKET_SHIFT`` bits, plus the low key bits of the midpoint inside it (all ones where
+    none is: no key of the bucket is above them).  A midpoint m is below x exactly when its key is
+    below x's, for every x but NaN (-0.0 and +0.0 compare equal: a -0.0 midpoint counts as +0.0)."""
+    keys = sorted(_key_of_float(_as_f32(m) + 0.0) for m in midpoints(scheme.values))
+    low = (1 << BUCKET_SHIFT) - 1
+    entries = []
+    for bucket in range(1 << (32 - BUCKET_SHIFT)):
+        first = bisect.bisect_left(keys, bucket << BUCKET_SHIFT)
+        inside = [k & low for k in keys[first : first + 2] if k >> BUCKET_SHIFT == bucket]
+        if len(inside) > 1:
+            raise AssertionError(f"table {scheme.name}: two midpoints in one bucket of {1 << BUCKET_SHIFT} keys")
+        entries.append(first << BUCKET_SHIFT | (inside[0] if inside else low))
+    return tuple(entries)
 
 
-def _bucket_probes(scheme: QuantScheme) -> list[float]:
-    """The midpoints, then +inf for each comparison the last bucket's count may be followed by."""
-    return [*midpoints(scheme.values), *[math.inf] * _buckets(scheme)[1]]
-
-
-def _float_of_key(key: int) -> float:
-    """The float32 whose order-preserving key (sign bit set for x >= 0, all bits flipped below) is ``key``."""
-    bits = key ^ 0x80000000 if key >> 31 else key ^ 0xFFFFFFFF
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+def _key_of_float(value: float) -> int:
+    """The order-preserving key of a float32: its bits with the sign bit set for x >= 0, all bits
+    flipped below 0 (larger magnitude, smaller key)."""
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    return bits ^ 0xFFFFFFFF if bits >> 31 else bits | 0x80000000
 
 
 def _power_of_two_step(scheme: QuantScheme) -> tuple[float, float] | None:

@@ -23,13 +23,13 @@ import re
 import struct
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from optgen.codegen.quant import QuantScheme
 from optgen.runtime.quant_torch import _rank1_scales
@@ -264,7 +264,7 @@ class Kernels:
         )
         self.rank1 = any(s.normalize == "rank1" for s in schemes.values())
         self._compiled: dict[str, tuple[str, dict[str, int]]] = {}
-        self._plans = WeakIdKeyDictionary()  # param -> LaunchPlan; a plan holds no tensor of the param's
+        self._plans = PerParam()  # a plan holds no tensor of the param's
 
     def functions(self, variant: str) -> dict[str, int]:
         source = self.sources[variant]
@@ -418,6 +418,32 @@ class Kernels:
         return [memref(value.codes), *old, *fresh]
 
 
+class PerParam:
+    """Values kept per parameter tensor, by identity, each dropped when its tensor is freed (torch's
+    WeakIdKeyDictionary made a weak reference per lookup: ~4 µs of a parameter's step)."""
+
+    def __init__(self):
+        self._values: dict[int, object] = {}
+
+    def get(self, param: torch.Tensor):
+        return self._values.get(id(param))
+
+    def __setitem__(self, param: torch.Tensor, value) -> None:
+        key = id(param)
+        if key not in self._values:  # an id is reused only after its tensor is freed, which drops the entry
+            weakref.finalize(param, self._values.pop, key, None)
+        self._values[key] = value
+
+    def __getitem__(self, param: torch.Tensor):
+        return self._values[id(param)]
+
+    def __contains__(self, param: torch.Tensor) -> bool:
+        return id(param) in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 @dataclass(eq=False)
 class Slot:
     """A plan argument filled in per step: the gradient's memref (``GRAD``: autograd may allocate a
@@ -509,8 +535,7 @@ class LaunchPlan:
         if self.scratch:  # made when the job's launches run and dropped after them, so deferred jobs
             buffers: list[torch.Tensor] = []  # do not all hold theirs at once (sinkgd: 1.5x slower)
             calls = [functools.partial(self._allocate, slots, buffers), *calls, buffers.clear]
-        finish = [functools.partial(_store_scales, state[k], new, self.shape) for k, new in self.stores]
-        job = _Job(calls, finish, self.held)
+        job = _Job(calls, [(state[k], new) for k, new in self.stores], self.shape, self.held)
         queue = getattr(_DEFERRED, "jobs", None)
         if queue is None:
             _run_jobs([job])
@@ -618,20 +643,27 @@ def _fill_kernel_scales(maxima, shape: tuple, cut: int, kernel: tuple[torch.Tens
         buffer.view(dims).copy_(_rank1_scales(list(part), torch.Size(dims)))
 
 
-def _store_scales(target: QuantizedState, new: torch.Tensor | None, shape: tuple) -> None:
-    """After the write launch: its new rank-1 / per-tensor scales stored, and the NaN check."""
-    if new is not None:
-        target.scales.copy_(new)
-    warn_if_not_finite(target, shape)
+def _store_scales(stores: list[tuple[QuantizedState, torch.Tensor | None, tuple]]) -> None:
+    """After the write launches: each written state's new rank-1 / per-tensor scales (None: written
+    by the kernels) stored and every state checked for NaN/Inf, in a few torch ops per step: a few
+    per parameter cost ~30 µs each with the caches cold after the kernels."""
+    copies = [(target.scales, new) for target, new, _ in stores if new is not None]
+    if copies:
+        torch._foreach_copy_(*map(list, zip(*copies)))
+    if not math.isfinite(float(torch.stack(torch._foreach_max([target.scales for target, _, _ in stores])).max())):
+        for target, _, shape in stores:  # max propagates NaN: the maxima of the states' scales are all finite, or
+            warn_if_not_finite(target, shape)  # one is not
 
 
 @dataclass
 class _Job:
-    """One parameter's step: its launches (and the torch ops between them) in order, then the
-    updates of stored scales; ``held``: tensors the launches' memrefs point into."""
+    """One parameter's step: its launches (and the torch ops between them) in order; the quantized
+    states they write, with their new scales (see ``_store_scales``), of a parameter of ``shape``;
+    ``held``: tensors the launches' memrefs point into."""
 
     calls: list
-    finish: list
+    stores: list[tuple[QuantizedState, torch.Tensor | None]]
+    shape: tuple
     held: list
 
 
@@ -660,9 +692,9 @@ def _run_jobs(jobs: list[_Job]) -> None:
     for job in jobs:
         for call in job.calls:
             call()
-    for job in jobs:
-        for call in job.finish:
-            call()
+    stores = [(target, new, job.shape) for job in jobs for target, new in job.stores]
+    if stores:
+        _store_scales(stores)
 
 
 __all__ = ["Kernels", "MlirBackendError", "Stage", "compile_module"]

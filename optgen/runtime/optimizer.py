@@ -114,6 +114,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
         self._updates: dict[tuple[str, str], Callable] = {}
+        self._hypers: dict[tuple[int, str], tuple[tuple, dict[str, Any]]] = {}  # see _hyper_tensors
         for program in self.programs:
             program.module("torch")  # imported before any torch.compile trace reaches it
         super().__init__(params, defaults)
@@ -144,7 +145,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         spread = []  # sharded parameters with matrix stages: stepped together, see _step_spread
         with mlir_jit.deferred():  # MLIR launches are made per parameter, then run back to back
             for group in self.param_groups:
-                tensors: dict[str, Any] = {}
+                hypers: dict[str, Any] = {}  # per program
+                updates = []  # the group's unsharded parameters: (kernel, param, grad, state, hyper)
                 for param in group["params"]:
                     grad = param.grad
                     if grad is None:
@@ -152,19 +154,22 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     if grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                     program = self._program_for(param, group)
-                    hyper = tensors.get(program.name)
+                    hyper = hypers.get(program.name)
                     if hyper is None:
-                        hyper = tensors[program.name] = self._hyper_tensors(group, program)
+                        hyper = hypers[program.name] = self._hyper_tensors(group, program)
                     sharding = distributed.sharding_of(param)
                     if sharding is None:
-                        self._kernel(program, param)(param, grad, self._prepare(program, param, hyper, None), hyper)
+                        kernel = self._kernel(program, param)
+                        updates.append((kernel, param, grad, self._prepare(program, param, hyper, None), hyper))
                     elif program.whole_matrix:
                         spread.append((program, param, grad, hyper, sharding))
                     else:  # statistics of the whole tensor are all-reduced inside the kernels
                         with distributed.sharded(sharding):
                             state = self._prepare(program, param, hyper, sharding)
                             local_param = distributed.local(param)
-                            self._kernel(program, local_param)(local_param, distributed.local(grad), state, hyper)
+                            kernel = self._kernel(program, local_param)
+                            _run_updates([(kernel, local_param, distributed.local(grad), state, hyper)])
+                _run_updates(updates)
         self._step_spread(spread)
         return loss
 
@@ -179,6 +184,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         for program, param, grad, hyper, sharding in params:
             with distributed.sharded(sharding):
                 state = self._prepare(program, param, hyper, sharding)
+                _advance([state], 1)
                 local_param = distributed.local(param)
                 kernel = self._kernel(program, local_param)
                 args = (local_param, distributed.local(grad), state, hyper)
@@ -193,8 +199,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 kernel(*args)
 
     def _prepare(self, program: Program, param, hyper, sharding) -> dict:
-        """The parameter's state, initialized on its first step, with ``step`` advanced; for a
-        sharded (DTensor) parameter, the local views the kernels work on."""
+        """The parameter's state, initialized on its first step (its ``step`` is advanced by
+        ``_run_updates``); for a sharded (DTensor) parameter, the local views the kernels work on."""
         local_param = distributed.local(param)
         state = self.state[param]
         if not state:
@@ -211,7 +217,6 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     for k, v in fresh.items()
                 }
             state.update(fresh)
-        state["step"] += 1
         if sharding is not None:
             state = {k: distributed.local(v) for k, v in state.items()}
         return state
@@ -222,6 +227,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         saved = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         super().load_state_dict(state_dict)
+        self._hypers.clear()  # new group dicts
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         for saved_id, (param, group) in zip(saved_ids, params):
             if saved_id not in saved:
@@ -302,9 +308,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 return program
         return self.programs[-1]
 
-    @staticmethod
-    def _hyper_tensors(group: dict[str, Any], program: Program) -> dict[str, Any]:
-        """The group's hyperparameters as 0-d tensors (float64; bool for flags) for the kernels."""
+    def _hyper_tensors(self, group: dict[str, Any], program: Program) -> dict[str, Any]:
+        """The group's hyperparameters as 0-d tensors (float64; bool for flags) for the kernels, made
+        again only when a value changes or is a tensor (a user's tensor lr may change in place):
+        making them is a torch op per value, ~150 µs per step with the caches cold after a step."""
+        traced = torch.compiler.is_compiling()  # a trace makes its own
+        values = None if traced else _plain_key(tuple(group[key] for key in program.hyper_keys.values()))
+        cached = self._hypers.get((id(group), program.name))
+        if values is not None and cached is not None and cached[0] == values:
+            return cached[1]
         out: dict[str, Any] = {}
         for name, key in program.hyper_keys.items():
             value = group[key]
@@ -314,6 +326,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 out[name] = torch.tensor(value)
             else:
                 out[name] = torch.as_tensor(value, dtype=torch.float64)
+        if values is not None:
+            self._hypers[(id(group), program.name)] = (values, out)
         return out
 
     def _kernel(self, program: Program, param: torch.Tensor) -> Callable:
@@ -347,3 +361,34 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 f"available: {', '.join(sorted(program.kernels))} (or backend='auto')"
             )
         return self.backend
+
+
+def _advance(states: list[dict], by: int) -> None:
+    """Step counters of many parameters moved in one torch op (one per parameter was ~3 µs each)."""
+    if states:
+        torch._foreach_add_([state["step"] for state in states], by)
+
+
+def _run_updates(updates: list[tuple]) -> None:
+    """``(kernel, param, grad, state, hyper)``: the step counters advanced, then the updates; when
+    one raises, its counter and those of the parameters after it are set back (the ones before it
+    were stepped: their MLIR launches run when the ``deferred`` block ends)."""
+    states = [update[3] for update in updates]
+    _advance(states, 1)
+    for done, (kernel, param, grad, state, hyper) in enumerate(updates):
+        try:
+            kernel(param, grad, state, hyper)
+        except BaseException:
+            _advance(states[done:], -1)
+            raise
+
+
+def _plain_key(value: Any) -> tuple | None:
+    """A key equal for equal hyperparameter values made of Python numbers (their types too: a bool
+    flag becomes a bool tensor), or None where one is a tensor."""
+    if type(value) in (float, int, bool):
+        return (type(value), value)
+    if type(value) in (tuple, list):
+        keys = tuple(_plain_key(v) for v in value)
+        return None if None in keys else keys
+    return None
