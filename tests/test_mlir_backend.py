@@ -470,6 +470,27 @@ def test_nan_gradient_is_not_silent(name):
     assert torch.equal(results["mlir"].isnan(), results["torch"].isnan())
 
 
+def test_host_scalars_are_computed_once_per_group_and_step_count(monkeypatch):
+    # inside a step the parameters of a group at the same step count share their host scalars; other
+    # counts and other groups get their own (their values against torch.optim: test_trajectories)
+    params, grads = _inputs([(67, 131), (5000,), (3, 5, 301), (9, 9)], torch.float32, steps=2)
+    opt = optgen.load("adamw")([{"params": params[:3]}, {"params": params[3:], "lr": 0.5}], lr=LR, backend="mlir")
+    module = opt.programs[0].module("mlir")
+    computed, compute = [], module.host_scalars
+
+    def counted(step, hyper):
+        computed.append((float(step), float(hyper["lr"])))
+        return compute(step, hyper)
+
+    monkeypatch.setattr(module, "host_scalars", counted)
+    params[2].grad = grads[0][2]  # a step ahead of the others
+    opt.step()
+    for p, g in zip(params, grads[1]):
+        p.grad = g
+    opt.step()
+    assert computed == [(1.0, LR), (1.0, LR), (2.0, LR), (1.0, 0.5)], computed  # step 1: params[2]; step 2: the rest
+
+
 def test_the_non_finite_warning_names_the_states_it_reached(recwarn):
     # every written state is checked in one reduction per step; a warning then names each state
     # holding NaN/Inf (here both moments of the second parameter), none of the first's
