@@ -909,7 +909,7 @@ def _search_bytes(body: Body, ind: int, scheme: QuantScheme, value: str, scale: 
     did not fit the 16 registers).  The top bits count the midpoints that split the table evenly
     (independent comparisons: COUNTED_LEVELS bits for 8-bit, one for 4-bit); each further bit is a
     binary-search level probing the 2**level midpoints the bits so far can reach, looked up in
-    registers (_vector_lookup)."""
+    registers (_vector_lookup).  The codes as vector<16xi32>."""
     x = body.op(f"arith.divf {value}, {_safe_scale(body, ind, scale, 'vector<16xf32>')} : vector<16xf32>", ind)
     mids = _padded_midpoints(scheme)
     levels = len(mids).bit_length()
@@ -931,7 +931,7 @@ def _search_bytes(body: Body, ind: int, scheme: QuantScheme, value: str, scale: 
         code = plus_one_if_below(
             body.op(f"arith.addi {code}, {code} : vector<16xi32>", ind), _vector_lookup(body, ind, nodes, code, isa)
         )
-    return body.op(f"arith.trunci {code} : vector<16xi32> to vector<16xi8>", ind)
+    return code
 
 
 def _search_store(
@@ -959,13 +959,16 @@ def _search_store(
         scales = body.op(f"vector.broadcast {scale} : f32 to vector<16xf32>", ind + 1)
     code = _search_bytes(body, ind + 1, scheme, value, scales, isa)
     at = body.op(f"arith.addi {start}, %q : index", ind + 1)
-    if scheme.bits == 4:  # pairs into bytes, the even element's code in the low nibble
-        even, odd = (", ".join(str(e) for e in range(first, 16, 2)) for first in (0, 1))
-        low = body.op(f"vector.shuffle {code}, {code} [{even}] : vector<16xi8>, vector<16xi8>", ind + 1)
-        high = body.op(f"vector.shuffle {code}, {code} [{odd}] : vector<16xi8>, vector<16xi8>", ind + 1)
-        high = body.op(f"arith.shli {high}, {body.const('dense<4>', 'vector<8xi8>')} : vector<8xi8>", ind + 1)
-        code = body.op(f"arith.ori {low}, {high} : vector<8xi8>", ind + 1)
+    if scheme.bits == 4:  # pairs into bytes, the even element's code in the low nibble: as 64-bit lanes
+        # (even | odd << 32), a lane's low byte is even | odd << 4 once the lane is or-ed with itself >> 28
+        # (adamw4bit's step 2.5-3% faster than with byte shuffles, ~13 instructions per 16 codes on AVX2)
+        pairs = body.op(f"vector.bitcast {code} : vector<16xi32> to vector<8xi64>", ind + 1)
+        moved = body.op(f"arith.shrui {pairs}, {body.const('dense<28>', 'vector<8xi64>')} : vector<8xi64>", ind + 1)
+        pairs = body.op(f"arith.ori {pairs}, {moved} : vector<8xi64>", ind + 1)
+        code = body.op(f"arith.trunci {pairs} : vector<8xi64> to vector<8xi8>", ind + 1)
         at = body.op(f"arith.shrui {at}, %c_1 : index", ind + 1)
+    else:
+        code = body.op(f"arith.trunci {code} : vector<16xi32> to vector<16xi8>", ind + 1)
     body.raw(f"vector.store {code}, %{key}_codes[{at}] : memref<?xi8>, vector<{scheme.bits * 2}xi8>", ind + 1)
     body.raw("}", ind)
 
