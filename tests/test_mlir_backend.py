@@ -32,7 +32,7 @@ from optgen.codegen.mlir_team import team_function
 from optgen.codegen.plan import make_plan
 from optgen.codegen.quant import midpoints
 from optgen.codegen.spec import builtin_specs, load_spec
-from optgen.runtime import mlir_jit, mlir_steps
+from optgen.runtime import mlir_jit, mlir_steps, quant_torch
 from optgen.runtime.state import QuantizedState
 
 # Plans with matrix stages: the MLIR emitter declines them (the torch kernels run them).  Plans with
@@ -501,6 +501,25 @@ def test_the_non_finite_warning_names_the_states_it_reached(recwarn):
     optgen.load("adamw4bit")(params, lr=LR, backend="mlir").step()
     messages = [str(w.message) for w in recwarn if "non-finite" in str(w.message)]
     assert len(messages) == 2 and all("(67, 131)" in m for m in messages), messages
+
+
+@pytest.mark.filterwarnings("ignore:non-finite values")
+def test_a_poisoned_rank1_row_and_column_stay_poisoned_in_the_next_step():
+    # the next step decodes v with the stored rank-1 scales, NaN in the poisoned row and column: the
+    # kernels' min(row, column) propagates NaN from either side, as torch.minimum does
+    results = {}
+    for backend in ("mlir", "torch"):
+        params, grads = _inputs([(67, 131)], torch.float32, steps=2)
+        grads[0][0][3, 5] = float("nan")
+        opt = optgen.load("adamw4bit")(params, lr=LR, backend=backend)
+        for step_grads in grads:
+            params[0].grad = step_grads[0]
+            opt.step()
+        v = quant_torch.dequantize(opt.state[params[0]]["exp_avg_sq"])
+        results[backend] = params[0].detach().isnan(), v.isnan()
+    (param_nan, v_nan), (torch_param_nan, torch_v_nan) = results["mlir"], results["torch"]
+    assert torch.equal(param_nan, torch_param_nan) and torch.equal(v_nan, torch_v_nan)
+    assert param_nan[3].all() and param_nan[:, 5].all()  # the poisoned row and column, through the old scales
 
 
 # -- in place, threads -----------------------------------------------------------------------------

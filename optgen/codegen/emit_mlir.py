@@ -661,7 +661,7 @@ def _quantized_stage(
             col = at["col"](body.op(f"arith.addi {start}, %i : index", i + 2))
             for (k, new), buf in scale_bufs.items():
                 column = body.op(f"memref.load %{k}_{'n' if new else 'o'}col[{col}] : memref<?xf32>", i + 2)
-                smaller = body.op(f"arith.minimumf {rows[(k, new)]}, {column} : f32", i + 2)
+                smaller = _rank1_scale(body, i + 2, rows[(k, new)], column)
                 body.raw(f"memref.store {smaller}, {buf}[%i] : memref<{L}xf32>", i + 2)
             body.raw("}", i + 1)
             body.raw("}", i)
@@ -1092,8 +1092,19 @@ def _element_scale(body: Body, ind: int, key: str, layout: tuple, where: dict, n
         rows, cols = (f"%{key}_nrow", f"%{key}_ncol") if new else (f"%{key}_orow", f"%{key}_ocol")
         a = body.op(f"memref.load {rows}[{where['row']}] : memref<?xf32>", ind)
         b = body.op(f"memref.load {cols}[{where['col']}] : memref<?xf32>", ind)
-        return body.op(f"arith.minimumf {a}, {b} : f32", ind)
+        return _rank1_scale(body, ind, a, b)
     return body.op(f"memref.load %{key}_{'new' if new else 'old'}[%c_0] : memref<?xf32>", ind)
+
+
+def _rank1_scale(body: Body, ind: int, row: str, column: str) -> str:
+    """min(row, column) of a rank-1 state's row and column maxima (never negative), NaN where either is,
+    as ``arith.minimumf`` gives: a select on ``<`` (NaN either side: the column's value) and a NaN check
+    of the row's value, which the loops over a row hoist.  minimumf also orders -0 below +0, which cost
+    ~5 instructions per 8 lanes on AVX2 (the scale fill was 10% of adamw4bit's map kernel)."""
+    below = body.op(f"arith.cmpf olt, {row}, {column} : f32", ind)
+    smaller = body.op(f"arith.select {below}, {row}, {column} : f32", ind)
+    nan = body.op(f"arith.cmpf uno, {row}, {row} : f32", ind)
+    return body.op(f"arith.select {nan}, {row}, {smaller} : f32", ind)
 
 
 def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, globals_: dict) -> str:
