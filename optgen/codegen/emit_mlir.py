@@ -1098,13 +1098,15 @@ def _element_scale(body: Body, ind: int, key: str, layout: tuple, where: dict, n
 
 def _rank1_scale(body: Body, ind: int, row: str, column: str) -> str:
     """min(row, column) of a rank-1 state's row and column maxima (never negative), NaN where either is,
-    as ``arith.minimumf`` gives: a select on ``<`` (NaN either side: the column's value) and a NaN check
-    of the row's value, which the loops over a row hoist.  minimumf also orders -0 below +0, which cost
-    ~5 instructions per 8 lanes on AVX2 (the scale fill was 10% of adamw4bit's map kernel)."""
-    below = body.op(f"arith.cmpf olt, {row}, {column} : f32", ind)
-    smaller = body.op(f"arith.select {below}, {row}, {column} : f32", ind)
-    nan = body.op(f"arith.cmpf uno, {row}, {row} : f32", ind)
-    return body.op(f"arith.select {nan}, {row}, {smaller} : f32", ind)
+    as ``arith.minimumf`` gives: two selects on ``<``, each yielding its second operand when either is
+    NaN (x86's vminps), their bits or-ed — equal values where neither is NaN, a NaN's bits where one
+    is.  minimumf also orders -0 below +0, which cost ~5 instructions per 8 lanes on AVX2; a select
+    and a NaN check of the row made the statistics loop branch per iteration."""
+    mins = []
+    for a, b in ((row, column), (column, row)):
+        below = body.op(f"arith.cmpf olt, {a}, {b} : f32", ind)
+        mins.append(body.op(f"arith.bitcast {body.op(f'arith.select {below}, {a}, {b} : f32', ind)} : f32 to i32", ind))
+    return body.op(f"arith.bitcast {body.op(f'arith.ori {mins[0]}, {mins[1]} : i32', ind)} : i32 to f32", ind)
 
 
 def _encode(body: Body, ind: int, scheme: QuantScheme, value: str, scale: str, globals_: dict) -> str:
