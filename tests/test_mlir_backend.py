@@ -681,22 +681,24 @@ def test_a_failing_step_leaves_no_parameter_half_stepped(monkeypatch):
 
 
 def test_threads_give_the_same_result_as_one_thread(monkeypatch):
-    # big enough that every launch is split (MIN_ELEMENTS_PER_THREAD elements per piece at least)
+    # big enough that every launch is split in more pieces than threads (MIN_ELEMENTS_PER_PIECE each)
     shape = (300, 457)
-    assert math.prod(shape) >= 4 * mlir_jit.MIN_ELEMENTS_PER_THREAD
+    assert math.prod(shape) >= 4 * mlir_jit.MIN_ELEMENTS_PER_PIECE
     threads = torch.get_num_threads()
     results = {}
     try:
-        for count in (1, 4):
+        for count in (1, 2, 4):
             torch.set_num_threads(count)  # the knob: mlir_jit splits over torch.get_num_threads() threads
             for name in ("adamw", "adamw4bit", "adamw8bit", "sgdm4bit"):
                 counter = Launches(monkeypatch)
                 params, opt = _train(name, "mlir", [shape], torch.float32, steps=2)
-                assert {split for _, split in counter.launches} == {count}, f"{name}: not split in {count}"
+                splits = {split for _, split in counter.launches}
+                assert splits == ({1} if count == 1 else {4}), f"{name} on {count} threads: split in {splits}"
                 results[(name, count)] = (params[0].detach().clone(), opt.state[params[0]])
     finally:
         torch.set_num_threads(threads)
     for name in ("adamw", "adamw4bit", "adamw8bit", "sgdm4bit"):
+        assert_same_result(name, results[(name, 1)], results[(name, 2)])
         assert_same_result(name, results[(name, 1)], results[(name, 4)])
 
 

@@ -251,7 +251,8 @@ def test_threads_give_the_same_result_as_one_thread(all_reductions, monkeypatch)
                 calls = Launches(monkeypatch)
                 results[(name, count)] = run(cls, "mlir", shape, steps=2)
                 splits = {split for _, split in calls.launches}
-                assert max(splits) == count, f"{name}: launches split in {sorted(splits)}, not {count}"
+                # one piece on one thread; on two, more pieces than threads (each thread claims several)
+                assert (max(splits) > count) if count > 1 else splits == {1}, f"{name}: split in {sorted(splits)}"
     finally:
         torch.set_num_threads(threads)
     for name in ("factor4bit", "allreductions"):
