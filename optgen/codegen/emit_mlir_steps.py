@@ -11,7 +11,7 @@ a scalar one.  Each launch is one MLIR function over a range of work units, so t
 
 - a launch over full-size values walks *stripes* (``STRIPE`` rows of one matrix), row by row, each
   row in chunks of ``WIDTH`` columns.  A reduction along rows (dim=-1) or over everything gets the
-  chunk's operand values through a stack buffer, folded into ``LANES`` float64 accumulators (so the
+  chunk's operand values through a stack buffer, folded into ``FOLD`` float64 accumulators (so the
   element loop carries no value from one element to the next, and vectorizes); along rows it
   finishes per row into its rows buffer, over everything into a float64 partial per stripe.  One
   along columns (dim=-2) adds into a float64 partial per stripe and column.  ``finish_<op>``
@@ -63,7 +63,12 @@ from optgen.codegen.templates import render
 STRIPE = 32  # rows per work unit of a full-size launch (and per float64 column partial)
 CHUNK = 4096  # entries per work unit of a rows / cols / scalar launch
 WIDTH = 256  # columns per chunk of a row whose values a rows / all reduction folds
-LANES = 4  # accumulators per rows / all reduction (their order is fixed: results do not depend on threads)
+LANES = 4  # float64 accumulators a rows / all reduction carries along a row (same bits on any thread count)
+# values a chunk's fold adds per iteration, into as many accumulators of its own, merged into the LANES
+# after: folded by LANES alone it was one chain of dependent vector adds (FOLD 16: sinkgd's launches
+# x0.85-0.92, factor4bit's x0.94-0.96, 10x1M on 1 and 2 threads, AVX2, paired same-process A/B; 32 no
+# faster); a chunk's last values (a short row's all) still go by LANES: rows of 10 folded by 16 were ~10% slower
+FOLD = 16
 # element-wise lines a launch recomputes for a value rather than read it back from a scratch buffer:
 # a CPU core divides slower than a GPU, and SinkGD's rounds, each recomputed from grad by every later
 # round's reduction, made its step quadratic in the rounds (10x1M, 1 thread: 80 -> 44 ms with 4; 1-8 tried)
@@ -331,11 +336,12 @@ class _Accumulators:
         return self.body.const(_NEUTRAL32[how], "f32")
 
     def merge(self, how: str, accs: list[str], indent: int) -> str:
-        """Accumulators of one reduction combined, in order."""
-        out = accs[0]
-        for other in accs[1:]:
-            out = self.body.op(f"arith.{_COMBINE[how]} {out}, {other} : f64", indent)
-        return out
+        """Accumulators of one reduction combined pairwise, in a fixed order."""
+        while len(accs) > 1:
+            pairs = zip(accs[::2], accs[1::2])
+            merged = [self.body.op(f"arith.{_COMBINE[how]} {a}, {b} : f64", indent) for a, b in pairs]
+            accs = merged + accs[len(accs) - len(accs) % 2 :]
+        return accs[0]
 
     def finish(self, how: str, acc: str, count: str | None, indent: int) -> str:
         """The float32 result: mean divides by ``count`` (an f64 SSA value), norm takes the root."""
@@ -392,6 +398,13 @@ def _loop(body: Body, var: str, lo: str, hi: str, accs: list, indent: int, step:
 def _yield(body: Body, values: list[str], indent: int) -> None:
     if values:
         body.raw(f"scf.yield {', '.join(values)} : {', '.join(['f64'] * len(values))}", indent)
+
+
+def _fold_lane(body: Body, acc: _Accumulators, let, buffer: str, at: str, lane: int, into: str, indent: int) -> str:
+    """``into`` combined with the stack buffer's value at ``at + lane``."""
+    index = body.op(f"arith.addi {at}, {body.index(lane)} : index", indent)
+    value = body.op(f"memref.load {buffer}[{index}] : memref<{WIDTH}xf32>", indent)
+    return acc.combine(_how(let), into, value, indent)
 
 
 def _how(let) -> str:
@@ -500,18 +513,46 @@ def _full_launch(program: _StepProgram, step, dtype: str) -> dict:
         for let, buffer in zip(folded, buffers):
             body.raw(f"memref.store {acc.neutral32(_how(let))}, {buffer}[%k.pad] : memref<{WIDTH}xf32>", ch + 1)
         body.raw("}", ch)
+        # FOLD values at a time into as many accumulators of the chunk's own (independent chains),
+        # merged into the row's LANES (skipped for a chunk of fewer values); the rest LANES at a time
+        fold = body.index(FOLD)
+        whole = body.op(f"arith.muli {body.op(f'arith.divui {count}, {fold} : index', ch)}, {fold} : index", ch)
         names = [name for name, _ in row_accs + carried]
-        fold = _loop(body, "%k.q", body.index(0), padded, [(f"{n}f", n) for n in names], ch, step=LANES)
-        q = ch + 1
-        yields = []
-        for let, buffer in zip(folded, buffers):
-            for lane in lanes:
-                at = body.op(f"arith.addi %k.q, {body.index(lane)} : index", q)
-                value = body.op(f"memref.load {buffer}[{at}] : memref<{WIDTH}xf32>", q)
-                yields.append(acc.combine(_how(let), f"{names[len(yields)]}f", value, q))
-        _yield(body, yields, q)
+        branch = f"%k.merged{body.count}"
+        body.count += 1
+        any_whole = body.op(f"arith.cmpi ugt, {whole}, {body.index(0)} : index", ch)
+        body.raw(f"{branch}:{len(names)} = scf.if {any_whole} -> ({', '.join(['f64'] * len(names))}) {{", ch)
+        b = ch + 1
+        locals_ = [(f"%k.fold{j}_{k}", acc.neutral(_how(let))) for j, let in enumerate(folded) for k in range(FOLD)]
+        chunk = _loop(body, "%k.q", body.index(0), whole, [(f"{n}f", init) for n, init in locals_], b, step=FOLD)
+        yields = [
+            _fold_lane(body, acc, let, buffer, "%k.q", k, f"{locals_[j * FOLD + k][0]}f", b + 1)
+            for j, (let, buffer) in enumerate(zip(folded, buffers))
+            for k in range(FOLD)
+        ]
+        _yield(body, yields, b + 1)
+        body.raw("}", b)
+        into_lanes = [
+            acc.merge(
+                _how(let), [names[j * LANES + lane], *(f"{chunk}#{j * FOLD + k}" for k in range(lane, FOLD, LANES))], b
+            )
+            for j, let in enumerate(folded)
+            for lane in lanes
+        ]
+        _yield(body, into_lanes, b)
+        body.raw("} else {", ch)
+        _yield(body, names, b)
         body.raw("}", ch)
-        _yield(body, [f"{fold}#{i}" for i in range(len(names))], ch)
+        merged = [f"{branch}#{i}" for i in range(len(names))]
+        tail = _loop(body, "%k.t", whole, padded, [(f"{n}t", m) for n, m in zip(names, merged)], ch, step=LANES)
+        yields = [
+            _fold_lane(body, acc, let, buffer, "%k.t", lane, f"{names[j * LANES + lane]}t", ch + 1)
+            for j, (let, buffer) in enumerate(zip(folded, buffers))
+            for lane in lanes
+        ]
+        _yield(body, yields, ch + 1)
+        body.raw("}", ch)
+        _yield(body, [f"{tail}#{i}" for i in range(len(names))], ch)
         body.raw("}", r)
     for j, let in enumerate(along_rows):
         total = acc.merge(_how(let), [f"{chunks_result}#{j * LANES + lane}" for lane in lanes], r)
