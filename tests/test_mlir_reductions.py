@@ -349,9 +349,34 @@ def test_scratch_values_are_made_per_step_not_kept(monkeypatch):
         opt.step()
     plan = opt.programs[0].module("mlir").KERNELS._plans[params[0]]
     assert any(slot.numel == params[0].numel() for slot in plan.scratch) and not plan.held
-    assert alive == [0, 0, 0, 0] and len(made) == 4 * len(plan.scratch), alive
+    assert alive == [0, 0, 0, 0] and len(made) == 4, alive  # one allocation per parameter and step
     gc.collect()
     assert all(ref() is None for ref in made), "a scratch value outlived its step"
+
+
+def test_scratch_slots_share_one_allocation_without_overlap():
+    inf = float("inf")
+    fills = [None, 0.0, -inf, None, 0.0, inf, -inf, None]
+    scratch = [
+        mlir_jit.Slot(numel, torch.float64 if fill is not None else torch.float32, fill)
+        for numel, fill in zip([1, 3, 17, 100, 1000, 5, 2, 33], fills)
+    ]
+    plan = mlir_jit.LaunchPlan((), (), [], [], [], scratch)
+    slots, buffers = {}, []
+    plan._allocate(slots, buffers)
+    (arena,) = buffers
+    spans = sorted((slots[slot][0], slots[slot][0] + slot.nbytes) for slot in scratch)
+    assert all(start % 64 == 0 for start, _ in spans)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), "slots overlap"
+    first, last = arena.data_ptr(), arena.data_ptr() + arena.numel()
+    assert first <= spans[0][0] and spans[-1][1] <= last
+    for slot in scratch:
+        address, numel = slots[slot]
+        assert numel == slot.numel
+        if slot.fill is not None:
+            offset = address - first
+            values = arena[offset : offset + slot.nbytes].view(torch.float64)
+            assert torch.equal(values, torch.full((numel,), slot.fill, dtype=torch.float64)), slot
 
 
 def test_a_step_makes_the_reduction_launches_before_running_any(monkeypatch):
