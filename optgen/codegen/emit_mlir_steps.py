@@ -11,7 +11,7 @@ a scalar one.  Each launch is one MLIR function over a range of work units, so t
 
 - a launch over full-size values walks *stripes* (``STRIPE`` rows of one matrix), row by row, each
   row in chunks of ``WIDTH`` columns.  A reduction along rows (dim=-1) or over everything gets the
-  chunk's operand values through a stack buffer, folded into ``FOLD`` float64 accumulators (so the
+  chunk's operand values through a stack buffer, folded into float64 accumulators (so the
   element loop carries no value from one element to the next, and vectorizes); along rows it
   finishes per row into its rows buffer, over everything into a float64 partial per stripe.  One
   along columns (dim=-2) adds into a float64 partial per stripe and column.  ``finish_<op>``

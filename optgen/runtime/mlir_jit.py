@@ -8,8 +8,8 @@ zero-copy: memref arguments are the tensors' ``data_ptr()``, and each kernel's t
 across ``torch.get_num_threads()`` threads of torch's OpenMP team in native code, so
 ``torch.set_num_threads`` is the knob; a launch is cut into up to ``PIECES_PER_THREAD`` pieces per
 thread, each of ``MIN_ELEMENTS_PER_PIECE`` elements at least, and results are the same bits for any
-thread count.  The foreign call releases
-the GIL.  Sizes are dynamic, so one compiled function serves every numel.
+thread count.  The foreign call releases the GIL.  Sizes are dynamic, so one compiled function
+serves every numel.
 """
 
 from __future__ import annotations
@@ -541,15 +541,14 @@ class LaunchPlan:
         # at cache-line offsets, those filled with one value next to each other so one fill_ sets them
         order = sorted(self.scratch, key=lambda slot: (slot.fill is None, str(slot.dtype), slot.fill or 0.0))
         self._offsets: dict[Slot, int] = {}
-        self._fills: list[tuple[int, int, Slot]] = []  # (first byte, end byte, a slot of the run)
+        self._fills: list[tuple[int, int, torch.dtype, float]] = []  # (first byte, end byte, dtype, value)
         size = 0
         for slot in order:
             self._offsets[slot] = size
-            run = self._fills[-1] if self._fills else None
-            if slot.fill is not None and run and (run[2].fill, run[2].dtype) == (slot.fill, slot.dtype):
-                self._fills[-1] = (run[0], size + slot.nbytes, run[2])
-            elif slot.fill is not None:
-                self._fills.append((size, size + slot.nbytes, slot))
+            if slot.fill is not None:
+                joins = bool(self._fills) and self._fills[-1][2:] == (slot.dtype, slot.fill)
+                start = self._fills.pop()[0] if joins else size
+                self._fills.append((start, size + slot.nbytes, slot.dtype, slot.fill))
             size += -(-slot.nbytes // 64) * 64
         self._arena_bytes = size
 
@@ -572,8 +571,8 @@ class LaunchPlan:
         buffers[:] = [arena]
         base = arena.data_ptr()
         slots.update((slot, (base + offset, slot.numel)) for slot, offset in self._offsets.items())
-        for start, end, slot in self._fills:  # gaps between a run's slots are filled too: unused
-            arena[start:end].view(slot.dtype).fill_(slot.fill)
+        for start, end, dtype, value in self._fills:  # gaps between a run's slots are filled too: unused
+            arena[start:end].view(dtype).fill_(value)
 
 
 def _plan_key(param: torch.Tensor, state: dict) -> tuple:
