@@ -22,6 +22,7 @@ import gc
 import weakref
 
 import pytest
+import sympy
 import torch
 from mlir_launches import Launches, launches_before_each_run  # tests/ is on sys.path
 from same_result import assert_same_result
@@ -135,20 +136,97 @@ def test_sinkgd_matches_torch(shape, monkeypatch):
     assert_matches_torch(optgen.load("sinkgd"), shape, monkeypatch, weight_decay=0.1)
 
 
-# (129, 257) and (70, 4100): m is 4-bit (more than keep_full_precision elements); smaller: float32
-def test_sinkgd_rounds_go_through_memory_past_max_recomputed():
+# rounds that are not plain rescalings of x (a softsign first): each is a line of its own to recompute
+CHAINED = (
+    """\
+optgen: 1
+name: chained
+class: Chained
+hyper:
+  lr: 0.01
+update:
+  - x = grad
+"""
+    + "".join(f"  - x = x / (1 + abs(x)) / (0.1 + sqrt(mean(x**2, dim={dim})))\n" for dim in (-1, -2) * 4)
+    + """\
+  - param = param - lr * x
+"""
+)
+
+
+@pytest.fixture
+def chained(tmp_path):
+    path = tmp_path / "chained.yaml"
+    path.write_text(CHAINED)
+    return path
+
+
+def _step_program(path):
+    from optgen.codegen.emit_mlir_steps import _StepProgram
+    from optgen.codegen.plan import fold_scalings, hoist_smaller_values
+
+    return _StepProgram(fold_scalings(hoist_smaller_values(make_plan(load_spec(path)))))
+
+
+def test_rounds_go_through_memory_past_max_recomputed(chained, monkeypatch):
     # each round's reduction recomputed every earlier round from grad: a step quadratic in the rounds
-    from optgen.codegen.emit_mlir_steps import MAX_RECOMPUTED, _StepProgram
+    from optgen.codegen.emit_mlir_steps import MAX_RECOMPUTED
     from optgen.codegen.expr import Kind
 
-    program = _StepProgram(make_plan(load_spec("sinkgd")))
+    program = _step_program(chained)
     assert Kind.FULL in program.buffers.values(), "no round is written to a full-size scratch buffer"
     for step in program.steps:
         rounds = [let for let in step.lets if str(let.symbol).startswith("x_")]  # x = grad is a rename
         # a launch computes the rounds it stores itself, and at most MAX_RECOMPUTED more
         assert len(rounds) <= MAX_RECOMPUTED + 1, f"{step.name} computes {len(rounds)} rounds"
+    assert_matches_torch(optgen.load(str(chained)), (129, 257), monkeypatch)
 
 
+def test_sinkgd_rounds_fold_into_row_and_column_factors():
+    # x_k = x_(k-1) * (row or column factor) is x * a_k * b_k (running products of the row and column
+    # factors): every launch recomputes a round from the gradient in one line, none goes through memory
+    from optgen.codegen.expr import Kind
+
+    program = _step_program("sinkgd")
+    assert Kind.FULL not in program.buffers.values(), "a round went through a full-size scratch buffer"
+    kinds = program.plan.kinds
+    for step in program.steps:
+        for let in step.lets:
+            if str(let.symbol).startswith("x_"):
+                factors = let.expr.args
+                assert [f for f in factors if kinds.get(f) is Kind.FULL] == [sympy.Symbol("x")], let
+                assert sorted(kinds[f].name for f in factors if f != sympy.Symbol("x")) in (
+                    ["ROWS"],
+                    ["COLS", "ROWS"],
+                ), let
+
+
+SCALED_STATE = """\
+optgen: 1
+name: scaledstate
+class: ScaledState
+hyper:
+  lr: 0.01
+state:
+  m: {kind: full, init: 1}
+update:
+  - m = m / (1 + sqrt(mean(grad**2, dim=-1)))
+  - m = m / (1 + sqrt(mean(m**2, dim=-2)))
+  - x = m / (1 + sqrt(mean(m**2, dim=-1)))
+  - param = param - lr * x
+"""
+
+
+def test_a_state_is_never_the_base_of_folded_scalings(tmp_path, monkeypatch):
+    # x rescales the new m, itself the old m rescaled twice: folded over the old m, x would read its storage after
+    # the launch that stores the new m overwrote it (and the plan would be declined)
+    path = tmp_path / "scaledstate.yaml"
+    path.write_text(SCALED_STATE)
+    assert "unsupported" not in mlir_modules(make_plan(load_spec(path)))
+    assert_matches_torch(optgen.load(str(path)), (129, 257), monkeypatch)
+
+
+# (129, 257) and (70, 4100): m is 4-bit (more than keep_full_precision elements); smaller: float32
 @pytest.mark.parametrize("shape", [(1, 1), (1, 129), (127, 3), (129, 257), (70, 4100)], ids=str)
 def test_factor4bit_matches_torch(shape, monkeypatch):
     cls = optgen.load("factor4bit")
@@ -328,8 +406,8 @@ def test_declined_plans_say_why_and_run_on_torch(source, reason, tmp_path, monke
     assert not calls.launches and torch.isfinite(param).all()
 
 
-def test_scratch_values_are_made_per_step_not_kept(monkeypatch):
-    # sinkgd's full-size scratch value and float64 partials (a column partial is 0.25 B/param) are made
+def test_scratch_values_are_made_per_step_not_kept(chained, monkeypatch):
+    # a full-size scratch value and float64 partials (a column partial is 0.25 B/param) are made
     # when a parameter's launches run and dropped after them: kept, they would be optimizer state by
     # another name, and deferred jobs holding theirs all at once made sinkgd 1.5x slower
     made, alive = [], []
@@ -342,7 +420,7 @@ def test_scratch_values_are_made_per_step_not_kept(monkeypatch):
 
     monkeypatch.setattr(mlir_jit.LaunchPlan, "_allocate", recorded)
     params = [torch.nn.Parameter(torch.randn(300, 200)) for _ in range(2)]
-    opt = optgen.load("sinkgd")(params, backend="mlir")
+    opt = optgen.load(str(chained))(params, backend="mlir")
     for _ in range(2):
         for param in params:
             param.grad = torch.randn(300, 200)

@@ -57,7 +57,7 @@ from optgen.codegen.emit_torch import _scheme_literal
 from optgen.codegen.emit_triton import _buffers, _reductions, schedule
 from optgen.codegen.expr import Kind
 from optgen.codegen.mlir_team import with_teams
-from optgen.codegen.plan import Plan, hoist_smaller_values
+from optgen.codegen.plan import Plan, fold_scalings, hoist_smaller_values
 from optgen.codegen.templates import render
 
 STRIPE = 32  # rows per work unit of a full-size launch (and per float64 column partial)
@@ -80,7 +80,7 @@ _COMBINE = {"mean": "addf", "sum": "addf", "norm": "addf", "amax": "maximumf", "
 
 def emit(plan: Plan, header: str) -> str | None:
     try:
-        program = _StepProgram(hoist_smaller_values(plan))
+        program = _StepProgram(fold_scalings(hoist_smaller_values(plan)))
         variants = program.modules()
     except Unsupported:
         return None
@@ -106,7 +106,7 @@ def emit(plan: Plan, header: str) -> str | None:
 
 def modules(plan: Plan) -> dict[str, str]:
     try:
-        return _StepProgram(hoist_smaller_values(plan)).modules()
+        return _StepProgram(fold_scalings(hoist_smaller_values(plan))).modules()
     except Unsupported as error:
         return {"unsupported": f"// {plan.spec.name}: the MLIR backend declines this plan ({error}); torch runs it"}
 

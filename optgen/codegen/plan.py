@@ -254,6 +254,46 @@ def hoist_smaller_values(plan: Plan) -> Plan:
     return dataclasses.replace(plan, stages=stages, kinds=kinds)
 
 
+def fold_scalings(plan: Plan) -> Plan:
+    """The plan with each full-size map let that scales one full-size value by rows / cols values
+    (``x_3 = t1 * x_2`` after ``hoist_smaller_values``) rewritten over that value's base, the rows
+    factors so far multiplied into one rows let and the cols factors into one cols let (SinkGD's
+    rounds: ``x_k = x * a_k * b_k``, x the gradient): a launch then recomputes a round from the
+    gradient in one line, and no round goes through a full-size scratch buffer.  A base is never a
+    state or the parameter (a launch may overwrite their storage before a later one reads it)."""
+    kinds = dict(plan.kinds)
+    names = (sympy.Symbol(f"s{i}") for i in itertools.count() if sympy.Symbol(f"s{i}") not in kinds)
+    stored = {sympy.Symbol(name) for name in plan.outputs}
+    folded: dict[sympy.Symbol, tuple] = {}  # full-size symbol -> (base, rows factor, cols factor)
+
+    def times(old: sympy.Symbol | None, factors: list, kind: Kind, lets: list[Let]) -> sympy.Symbol | None:
+        if not factors or (old is None and len(factors) == 1):
+            return factors[0] if factors else old
+        symbol = next(names)
+        kinds[symbol] = kind
+        lets.append(Let(symbol, sympy.Mul(*([old] if old is not None else []), *factors), kind))
+        return symbol
+
+    stages = []
+    for stage in plan.stages:
+        lets: list[Let] = []
+        for let in stage.lets:
+            args = let.expr.args if isinstance(let.expr, sympy.Mul) else ()
+            full = [a for a in args if kinds.get(a) is Kind.FULL or str(a) == "grad"]
+            rows = [a for a in args if kinds.get(a) is Kind.ROWS]
+            cols = [a for a in args if kinds.get(a) is Kind.COLS]
+            scaling = len(full) == 1 and len(full) + len(rows) + len(cols) == len(args) and full[0] not in stored
+            if stage.op != "map" or let.kind is not Kind.FULL or not scaling:
+                lets.append(let)
+                continue
+            base, a, b = folded.get(full[0], (full[0], None, None))
+            a, b = times(a, rows, Kind.ROWS, lets), times(b, cols, Kind.COLS, lets)
+            folded[let.symbol] = (base, a, b)
+            lets.append(dataclasses.replace(let, expr=sympy.Mul(*(f for f in (base, a, b) if f is not None))))
+        stages.append(dataclasses.replace(stage, lets=lets))
+    return dataclasses.replace(plan, stages=stages, kinds=kinds)
+
+
 def live_assignments(spec: Spec) -> list:
     """The program without assignments no output depends on (an unused temporary costs nothing)."""
     needed = set(spec.outputs.values())
