@@ -267,11 +267,13 @@ def fold_scalings(plan: Plan) -> Plan:
     folded: dict[sympy.Symbol, tuple] = {}  # full-size symbol -> (base, rows factor, cols factor)
 
     def times(old: sympy.Symbol | None, factors: list, kind: Kind, lets: list[Let]) -> sympy.Symbol | None:
-        if not factors or (old is None and len(factors) == 1):
-            return factors[0] if factors else old
+        """``old`` (None: 1) times ``factors``: a new let of ``kind`` unless that is one symbol already."""
+        product = [old, *factors] if old is not None else factors
+        if len(product) <= 1:
+            return product[0] if product else None
         symbol = next(names)
         kinds[symbol] = kind
-        lets.append(Let(symbol, sympy.Mul(*([old] if old is not None else []), *factors), kind))
+        lets.append(Let(symbol, sympy.Mul(*product), kind))
         return symbol
 
     stages = []
