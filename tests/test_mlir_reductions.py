@@ -162,10 +162,9 @@ def chained(tmp_path):
 
 
 def _step_program(path):
-    from optgen.codegen.emit_mlir_steps import _StepProgram
-    from optgen.codegen.plan import fold_scalings, hoist_smaller_values
+    from optgen.codegen.emit_mlir_steps import step_program
 
-    return _StepProgram(fold_scalings(hoist_smaller_values(make_plan(load_spec(path)))))
+    return step_program(make_plan(load_spec(path)))
 
 
 def test_rounds_go_through_memory_past_max_recomputed(chained, monkeypatch):

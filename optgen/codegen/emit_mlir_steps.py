@@ -78,9 +78,15 @@ _NEUTRAL32 = {"mean": "0.0", "sum": "0.0", "norm": "0.0", "amax": "0xFF800000", 
 _COMBINE = {"mean": "addf", "sum": "addf", "norm": "addf", "amax": "maximumf", "amin": "minimumf"}
 
 
+def step_program(plan: Plan) -> _StepProgram:
+    """The plan's launches as this backend schedules them: after ``hoist_smaller_values`` and
+    ``fold_scalings`` (raises ``Unsupported`` for a plan it declines)."""
+    return _StepProgram(fold_scalings(hoist_smaller_values(plan)))
+
+
 def emit(plan: Plan, header: str) -> str | None:
     try:
-        program = _StepProgram(fold_scalings(hoist_smaller_values(plan)))
+        program = step_program(plan)
         variants = program.modules()
     except Unsupported:
         return None
@@ -106,7 +112,7 @@ def emit(plan: Plan, header: str) -> str | None:
 
 def modules(plan: Plan) -> dict[str, str]:
     try:
-        return _StepProgram(fold_scalings(hoist_smaller_values(plan))).modules()
+        return step_program(plan).modules()
     except Unsupported as error:
         return {"unsupported": f"// {plan.spec.name}: the MLIR backend declines this plan ({error}); torch runs it"}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import sympy
@@ -88,15 +89,20 @@ def make_plan(spec: Spec) -> Plan:
     return _Planner(spec).run()
 
 
+def fresh_symbols(prefix: str, taken) -> Iterator[sympy.Symbol]:
+    """``prefix0``, ``prefix1``, ... skipping the names of the symbols ``taken`` holds now."""
+    names = {str(s) for s in taken}
+    return (sympy.Symbol(f"{prefix}{i}") for i in itertools.count() if f"{prefix}{i}" not in names)
+
+
 class _Planner:
     def __init__(self, spec: Spec):
         self.spec = spec
         self.kinds = dict(spec.kinds)
-        taken = {str(s) for s in self.kinds}
-        self.host_names = (sympy.Symbol(f"h{i}") for i in itertools.count() if f"h{i}" not in taken)
-        self.temp_names = (sympy.Symbol(f"t{i}") for i in itertools.count() if f"t{i}" not in taken)
-        self.reduce_names = (sympy.Symbol(f"r{i}") for i in itertools.count() if f"r{i}" not in taken)
-        self.matrix_names = (sympy.Symbol(f"x{i}") for i in itertools.count() if f"x{i}" not in taken)
+        self.host_names = fresh_symbols("h", self.kinds)
+        self.temp_names = fresh_symbols("t", self.kinds)
+        self.reduce_names = fresh_symbols("r", self.kinds)
+        self.matrix_names = fresh_symbols("x", self.kinds)
         self.matrix_values: dict[sympy.Expr, sympy.Symbol] = {}  # one matrix op computed once
         self.host: list[Let] = []
         self.hoisted: dict[sympy.Expr, sympy.Symbol] = {}
@@ -229,7 +235,7 @@ def hoist_smaller_values(plan: Plan) -> Plan:
     (SinkGD 4x1000x1000 on one thread 48.7 -> 21 ms); a GPU recomputes such parts more cheaply than
     it launches a kernel for them, so the Triton backend plans without it."""
     kinds = dict(plan.kinds)
-    names = (sympy.Symbol(f"t{i}") for i in itertools.count() if sympy.Symbol(f"t{i}") not in kinds)
+    names = fresh_symbols("t", kinds)
 
     def part(expr: sympy.Basic, lets: list[Let], made: dict) -> sympy.Basic:
         kind = E.kind_of(expr, kinds)
@@ -262,7 +268,7 @@ def fold_scalings(plan: Plan) -> Plan:
     gradient in one line, and no round goes through a full-size scratch buffer.  A base is never a
     state or the parameter (a launch may overwrite their storage before a later one reads it)."""
     kinds = dict(plan.kinds)
-    names = (sympy.Symbol(f"s{i}") for i in itertools.count() if sympy.Symbol(f"s{i}") not in kinds)
+    names = fresh_symbols("s", kinds)
     stored = {sympy.Symbol(name) for name in plan.outputs}
     folded: dict[sympy.Symbol, tuple] = {}  # full-size symbol -> (base, rows factor, cols factor)
 
