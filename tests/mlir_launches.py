@@ -4,20 +4,20 @@ from optgen.runtime import mlir_jit
 
 
 class Launches:
-    """Wraps ``mlir_jit.launch`` (every launch plan binds it) for one test: (count, pieces) per launch
-    in ``launches``, its arguments after lo/hi in ``arguments``."""
+    """Wraps ``mlir_jit.Launch.run`` (every launch of a plan) for one test: (count, pieces) per launch
+    in ``launches``, its arguments after lo/hi in ``arguments`` (memrefs as (address, length))."""
 
     def __init__(self, monkeypatch):
         self.launches: list[tuple[int, int]] = []
         self.arguments: list[list] = []
-        original = mlir_jit.launch
+        original = mlir_jit.Launch.run
 
-        def recorded(team, count, args, split=1):
-            self.launches.append((count, split))
-            self.arguments.append(list(args))
-            original(team, count, args, split)
+        def recorded(launch, slots, values):
+            self.launches.append((launch.count, launch.split))
+            self.arguments.append([slots[a] if isinstance(a, mlir_jit.Slot) else a for a in launch.args] + list(values))
+            original(launch, slots, values)
 
-        monkeypatch.setattr(mlir_jit, "launch", recorded)
+        monkeypatch.setattr(mlir_jit.Launch, "run", recorded)
 
 
 def launches_before_each_run(monkeypatch) -> tuple[Launches, list[int]]:

@@ -783,6 +783,14 @@ def test_team_runs_every_piece_once(monkeypatch, team):
     expected = torch.cat([torch.arange(hi - lo, dtype=torch.float32) for lo, hi in zip(bounds, bounds[1:])])
     assert torch.equal(x, expected), "slices do not start at their piece"
     assert n.unique().tolist() == [333.0, 334.0]  # each slice's length is its piece's
+    # a plan's Launch is packed once: each run writes its slot's memref and its scalar, and every
+    # run claims all pieces again (the claim counter starts at 0 each time)
+    slot = mlir_jit.Slot()
+    planned = mlir_jit.Launch(functions["ranged_team"], count, [slot, (first.data_ptr(), 1)], ("add",), split)
+    a, b = torch.zeros(count), torch.zeros(count)
+    for target, add in ((a, 0.5), (b, 2.0), (a, 1.0)):
+        planned.bind({slot: mlir_jit.memref(target)}, {}, {"add": add})()
+    assert torch.equal(a, torch.full((count,), 1.5)) and torch.equal(b, torch.full((count,), 2.0))
 
 
 def test_team_function_refuses_arguments_it_cannot_pass():

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import importlib
+import itertools
 import math
 import os
 import re
@@ -83,7 +84,10 @@ _FUNCTIONS: dict[int, ctypes._CFuncPtr] = {}  # address -> callable (made once: 
 _LAYOUTS: dict[tuple[type, ...], struct.Struct] = {}
 # the team entry's packed wrapper follows two pointers to the data: claim counter, pieces, count, args
 _HEADER = "<5q"
+_COUNTER_AT = 16  # byte offset of the claim counter (the data's first word)
 _CODES = {tuple: "Qq", int: "q", float: "f4x", F64: "d"}
+_MEMREF = struct.Struct("<Qq")
+_COUNTER = struct.Struct("<q")
 
 
 def _layout(kinds: tuple[type, ...]) -> struct.Struct:
@@ -93,6 +97,42 @@ def _layout(kinds: tuple[type, ...]) -> struct.Struct:
             raise TypeError(f"MLIR call argument of type {kind.__name__}: expected a memref (tuple), int or float")
         codes.append(_CODES[kind])
     return struct.Struct("".join(codes))
+
+
+def _pack(count: int, args: list, split: int) -> tuple[ctypes.Array, list[int]]:
+    """A launch's data block (see ``launch``) and the byte offset of each argument in it."""
+    kinds = tuple(arg.__class__ for arg in args)
+    layout = _LAYOUTS.get(kinds) or _LAYOUTS.setdefault(kinds, _layout(kinds))
+    buffer = ctypes.create_string_buffer(layout.size)
+    base = ctypes.addressof(buffer)
+    values: list = []
+    for arg in args:
+        if arg.__class__ is tuple:
+            values += arg
+        else:
+            values.append(arg)
+    layout.pack_into(buffer, 0, base + 8, base + 16, 0, split, count, *values)
+    offsets = list(itertools.accumulate((struct.calcsize("<" + _CODES[kind]) for kind in kinds), initial=40))
+    return buffer, offsets[:-1]
+
+
+def _start(team: int, buffer: ctypes.Array, split: int) -> None:
+    """Runs a packed launch (claim counter at 0) on torch's OpenMP team, of at most
+    ``torch.get_num_threads()`` threads."""
+    base = ctypes.addressof(buffer)
+    threads = min(split, num_threads())
+    gomp = _gomp() if threads > 1 else None
+    if gomp is not None:
+        gomp.GOMP_parallel(team, base, threads, 0)  # ctypes releases the GIL for the whole launch
+        return
+    entry = _FUNCTIONS.get(team) or _FUNCTIONS.setdefault(team, _PACKED(team))
+    if threads > 1:
+        futures = [_pool().submit(entry, base) for _ in range(threads - 1)]
+        entry(base)
+        for future in futures:
+            future.result()
+    else:
+        entry(base)
 
 
 def pieces(count: int, unit: int) -> int:
@@ -113,30 +153,10 @@ def launch(team: int, count: int, args: list, split: int = 1) -> None:
     i64 as an int, an f32 as a float, an f64 as an ``F64``.  They are written into one buffer by one
     ``struct.pack_into`` (layout made once per argument signature); the threads claim the pieces in
     native code.  torch's team, not a pool of our own: after a torch op its workers spin-wait on
-    the other cores, so a second pool would only share those cores with them."""
-    kinds = tuple(arg.__class__ for arg in args)
-    layout = _LAYOUTS.get(kinds) or _LAYOUTS.setdefault(kinds, _layout(kinds))
-    buffer = ctypes.create_string_buffer(layout.size)
-    base = ctypes.addressof(buffer)
-    values: list = []
-    for arg in args:
-        if arg.__class__ is tuple:
-            values += arg
-        else:
-            values.append(arg)
-    layout.pack_into(buffer, 0, base + 8, base + 16, 0, split, count, *values)
-    entry = _FUNCTIONS.get(team) or _FUNCTIONS.setdefault(team, _PACKED(team))
-    threads = min(split, num_threads())
-    gomp = _gomp() if threads > 1 else None
-    if gomp is not None:
-        gomp.GOMP_parallel(team, base, threads, 0)  # ctypes releases the GIL for the whole launch
-    elif threads > 1:
-        futures = [_pool().submit(entry, base) for _ in range(threads - 1)]
-        entry(base)
-        for future in futures:
-            future.result()
-    else:
-        entry(base)
+    the other cores, so a second pool would only share those cores with them.  A plan's launches
+    (``Launch``) pack their buffer once and rewrite only what changes per step."""
+    buffer, _ = _pack(count, args, split)
+    _start(team, buffer, split)
 
 
 # -- compilation -----------------------------------------------------------------------------------
@@ -488,7 +508,9 @@ def arguments(value) -> list:
 @dataclass
 class Launch:
     """A launch of a plan; ``args`` hold a ``Slot`` where the gradient or a scratch buffer goes, the
-    scalars follow."""
+    scalars follow.  Its data block is packed once, with the fixed arguments; a run writes the
+    slots' memrefs and the scalars into it and sets the claim counter back to 0 (packing every
+    argument per run, in a new buffer, was ~5 µs of Python per launch)."""
 
     team: int
     count: int
@@ -496,13 +518,24 @@ class Launch:
     scalars: tuple[str, ...]
     split: int
 
+    def __post_init__(self) -> None:
+        fixed = [(0, 0) if isinstance(arg, Slot) else arg for arg in self.args]
+        self._buffer, offsets = _pack(self.count, fixed + [0.0] * len(self.scalars), self.split)
+        self._slots = [(at, arg) for at, arg in zip(offsets, self.args) if isinstance(arg, Slot)]
+        self._scalars_at = offsets[len(self.args)] if self.scalars else 0
+        self._scalars = struct.Struct("<" + _CODES[float] * len(self.scalars))
+
     def bind(self, slots: dict, state: dict, scalars: dict) -> Callable[[], None]:
-        return functools.partial(self.run, slots, [float(scalars[name]) for name in self.scalars])
+        return functools.partial(self.run, slots, [scalars[name] for name in self.scalars])
 
     def run(self, slots: dict, values: list) -> None:
-        """``slots``: their memrefs, filled in by the time the launch runs."""
-        args = [slots[arg] if isinstance(arg, Slot) else arg for arg in self.args]
-        launch(self.team, self.count, args + values, self.split)
+        """``slots``: their memrefs, filled in by the time the launch runs; ``values``: the scalars."""
+        buffer = self._buffer
+        for at, slot in self._slots:
+            _MEMREF.pack_into(buffer, at, *slots[slot])
+        self._scalars.pack_into(buffer, self._scalars_at, *values)
+        _COUNTER.pack_into(buffer, _COUNTER_AT, 0)
+        _start(self.team, buffer, self.split)
 
 
 @dataclass
@@ -698,20 +731,20 @@ class _Job:
 _DEFERRED = threading.local()
 
 
-def host_scalars(compute: Callable[[object, dict], dict], step, hyper: dict) -> dict:
-    """``compute(step, hyper)``: a generated module's host scalars.  Inside a ``deferred`` block they
-    are computed once per hyperparameter dict and step value and shared by its parameters (~16 µs
-    per parameter with the caches cold after a step's kernels).  The block's memo holds each dict,
-    so no other dict takes its id while it lasts, and only optimizer code runs inside it, which
-    changes no hyperparameter."""
+def host_scalars(compute: Callable[[object, dict], dict], step, hyper: dict) -> dict[str, float]:
+    """``compute(step, hyper)``: a generated module's host scalars, as Python floats (what the
+    launches pack).  Inside a ``deferred`` block they are computed once per hyperparameter dict and
+    step value and shared by its parameters (~16 µs per parameter with the caches cold after a
+    step's kernels).  The block's memo holds each dict, so no other dict takes its id while it
+    lasts, and only optimizer code runs inside it, which changes no hyperparameter."""
     memo = getattr(_DEFERRED, "scalars", None)
     if memo is None:
-        return compute(step, hyper)
+        return {name: float(value) for name, value in compute(step, hyper).items()}
     value, key = float(step), (id(hyper), compute)
     known = memo.get(key)
     if known is not None and known[1] == value:
         return known[2]
-    scalars = compute(step, hyper)
+    scalars = {name: float(value) for name, value in compute(step, hyper).items()}
     memo[key] = (hyper, value, scalars)
     return scalars
 
