@@ -198,8 +198,9 @@ def render(results: Path, size: str, readme: Path) -> str:
             "each: a shape far above the square matrix's ratio is a cliff in the kernels' loops. Rank-1 state "
             "(adamw4bit's v) walks the rows of a matrix view, so matrices with few columns (LoRA B, the tall "
             "one) still pay a loop per short row; conv weights are viewed as (out, in·k·k). On LoRA-sized tensors "
-            "(65k elements) each parameter also pays ~20 µs of Python per step: their launches alone take "
-            "0.76–0.80× fused AdamW's step for adamw (docs/architecture.md, launch plans).",
+            "(65k elements) each parameter also pays ~20–30 µs of Python per step (caches cold after the "
+            "kernels): their launches alone take ~0.75× fused AdamW's step for adamw (docs/architecture.md, "
+            "launch plans).",
             shapes_table(results / "shapes_cpu.csv"),
         ]
     parts.append(END)
