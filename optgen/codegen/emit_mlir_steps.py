@@ -381,7 +381,7 @@ def _load(program: _StepProgram, body: Body, key: str, dtype: str, at: str, inde
 
 def _store(program: _StepProgram, body: Body, key: str, dtype: str, value: str, at: str, indent: int) -> None:
     t = program.storage_type(key, dtype)
-    stored = value if t == "f32" else body.op(f"arith.truncf {value} : f32 to {t}", indent)
+    stored = body.narrow(value, t, indent)
     body.raw(f"memref.store {stored}, %{key}[{at}] : memref<?x{t}>", indent)
 
 
