@@ -1,13 +1,15 @@
 """CPU optimizer step time: generated MLIR kernels vs torch.optim (fused, foreach, torch.compile), in one run.
 
-    python benchmarks/step_cpu.py                 # 10 tensors x 1e6 float32 (1000 x 1000)
+    python benchmarks/step_cpu.py                 # 10 tensors x 1e6 (1000 x 1000), float32 then bfloat16
     python benchmarks/step_cpu.py --llama         # also a ~95M-parameter LLaMA-shaped list of tensors
     python benchmarks/step_cpu.py --threads 1     # only on one thread (default: torch's default, then 1)
 
 Every optimizer steps the same parameters and gradients (its own state), round-robin: one round
 runs each optimizer's step() once, so all see the same machine load; the ratio of each to
 torch.optim.AdamW(fused=True) is taken per round, and the medians of times and of ratios over the
-rounds are reported.  torchao's AdamW4bit / AdamW8bit join when torchao is installed.  Specs with
+rounds are reported.  The bfloat16 list compares what each gives for bf16 parameters: torch's
+fused AdamW keeps bfloat16 moments (14 bytes moved per parameter), optgen's adamw float32 ones (22).
+torchao's AdamW4bit / AdamW8bit join when torchao is installed.  Specs with
 reductions (factor4bit, sinkgd) run on both their MLIR and their torch kernels (the latter on the
 square workload only), so the table also shows what the MLIR reductions buy.  Writes
 benchmarks/results/step_time_cpu.csv (rendered into the README by suite.py) and step_cpu.md.
@@ -142,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     makers = optimizers(compile_step=not args.no_compile)
     if not any(name.startswith("torchao") for name in makers):
         print("torchao is not installed: its AdamW4bit / AdamW8bit are left out")
-    workloads = {"": lambda: square_tensors(args.tensors, args.numel)}
+    workloads = {
+        "": lambda: square_tensors(args.tensors, args.numel),
+        "bfloat16, ": lambda: [p.bfloat16() for p in square_tensors(args.tensors, args.numel)],
+    }
     if args.llama:
         workloads["LLaMA-shaped, "] = llama_tensors
     rows = []

@@ -183,12 +183,14 @@ def render(results: Path, size: str, readme: Path) -> str:
     if (results / "step_time_cpu.csv").is_file():
         parts += [
             "### Step time (CPU)",
-            "`python benchmarks/step_cpu.py --llama` — one `step()` over the same float32 tensors for every "
+            "`python benchmarks/step_cpu.py --llama` — one `step()` over the same tensors for every "
             "implementation, round-robin; median time, and median per-round ratio to "
             "`torch.optim.AdamW(fused=True)` in the same run. optgen rows run the generated MLIR kernels "
             "(the CPU default), split over torch's own OpenMP threads. The float32 step is memory-bound: the "
             "note under the table compares fused AdamW's bandwidth (28 bytes read or written per parameter) "
-            "with a plain `copy_` (8 bytes counted per element; the write's read-for-ownership moves 4 more).",
+            "with a plain `copy_` (8 bytes counted per element; the write's read-for-ownership moves 4 more). "
+            "The bfloat16 rows step the square list as bf16 parameters: fused AdamW then keeps bf16 moments "
+            "(14 bytes per parameter), optgen's adamw float32 ones (22 bytes), as its spec says.",
             step_time_table(results / "step_time_cpu.csv"),
         ]
     if (results / "shapes_cpu.csv").is_file():
