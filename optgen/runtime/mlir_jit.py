@@ -99,6 +99,30 @@ def _layout(kinds: tuple[type, ...]) -> struct.Struct:
     return struct.Struct("".join(codes))
 
 
+def pieces(count: int, unit: int) -> int:
+    """How many pieces a launch over ``count`` units of ``unit`` elements is split into: one on one
+    thread, else ``PIECES_PER_THREAD`` per thread, each of ``MIN_ELEMENTS_PER_PIECE`` elements at least."""
+    threads = num_threads()
+    if threads == 1:
+        return 1
+    return max(1, min(PIECES_PER_THREAD * threads, count * unit // MIN_ELEMENTS_PER_PIECE, count))
+
+
+def launch(team: int, count: int, args: list, split: int = 1) -> None:
+    """Run a kernel over [0, count) in ``split`` pieces through its team entry (``team``: the address
+    of ``<kernel>_team``, see optgen/codegen/mlir_team.py) on torch's OpenMP team, of at most
+    ``torch.get_num_threads()`` threads; each thread claims pieces until none are left.
+
+    ``args``: the kernel's arguments after lo/hi — a memref as ``memref()``'s (address, length), an
+    i64 as an int, an f32 as a float, an f64 as an ``F64``.  They are written into one buffer by one
+    ``struct.pack_into`` (layout made once per argument signature); the threads claim the pieces in
+    native code.  torch's team, not a pool of our own: after a torch op its workers spin-wait on
+    the other cores, so a second pool would only share those cores with them.  A plan's launches
+    (``Launch``) pack their buffer once and rewrite only what changes per step."""
+    buffer, _ = _pack(count, args, split)
+    _start(team, buffer, split)
+
+
 def _pack(count: int, args: list, split: int) -> tuple[ctypes.Array, list[int]]:
     """A launch's data block (see ``launch``) and the byte offset of each argument in it."""
     kinds = tuple(arg.__class__ for arg in args)
@@ -133,30 +157,6 @@ def _start(team: int, buffer: ctypes.Array, split: int) -> None:
             future.result()
     else:
         entry(base)
-
-
-def pieces(count: int, unit: int) -> int:
-    """How many pieces a launch over ``count`` units of ``unit`` elements is split into: one on one
-    thread, else ``PIECES_PER_THREAD`` per thread, each of ``MIN_ELEMENTS_PER_PIECE`` elements at least."""
-    threads = num_threads()
-    if threads == 1:
-        return 1
-    return max(1, min(PIECES_PER_THREAD * threads, count * unit // MIN_ELEMENTS_PER_PIECE, count))
-
-
-def launch(team: int, count: int, args: list, split: int = 1) -> None:
-    """Run a kernel over [0, count) in ``split`` pieces through its team entry (``team``: the address
-    of ``<kernel>_team``, see optgen/codegen/mlir_team.py) on torch's OpenMP team, of at most
-    ``torch.get_num_threads()`` threads; each thread claims pieces until none are left.
-
-    ``args``: the kernel's arguments after lo/hi — a memref as ``memref()``'s (address, length), an
-    i64 as an int, an f32 as a float, an f64 as an ``F64``.  They are written into one buffer by one
-    ``struct.pack_into`` (layout made once per argument signature); the threads claim the pieces in
-    native code.  torch's team, not a pool of our own: after a torch op its workers spin-wait on
-    the other cores, so a second pool would only share those cores with them.  A plan's launches
-    (``Launch``) pack their buffer once and rewrite only what changes per step."""
-    buffer, _ = _pack(count, args, split)
-    _start(team, buffer, split)
 
 
 # -- compilation -----------------------------------------------------------------------------------
@@ -738,14 +738,13 @@ def host_scalars(compute: Callable[[object, dict], dict], step, hyper: dict) -> 
     step's kernels).  The block's memo holds each dict, so no other dict takes its id while it
     lasts, and only optimizer code runs inside it, which changes no hyperparameter."""
     memo = getattr(_DEFERRED, "scalars", None)
-    if memo is None:
-        return {name: float(value) for name, value in compute(step, hyper).items()}
     value, key = float(step), (id(hyper), compute)
-    known = memo.get(key)
+    known = memo.get(key) if memo is not None else None
     if known is not None and known[1] == value:
         return known[2]
-    scalars = {name: float(value) for name, value in compute(step, hyper).items()}
-    memo[key] = (hyper, value, scalars)
+    scalars = {name: float(number) for name, number in compute(step, hyper).items()}
+    if memo is not None:
+        memo[key] = (hyper, value, scalars)
     return scalars
 
 
