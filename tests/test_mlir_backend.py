@@ -920,7 +920,11 @@ def test_step_cpu_benchmark_writes_its_table(tmp_path):
     names = {r["implementation"] for r in rows}
     assert {"torch.optim.AdamW fused", "optgen adamw (mlir)", "optgen adamw4bit (mlir)"} <= names
     assert all(float(r["median_ms"]) > 0 for r in rows)
-    assert [r["ratio_to_fused"] for r in rows if r["implementation"] == "torch.optim.AdamW fused"] == ["1.00"]
+    fused = [r for r in rows if r["implementation"] == "torch.optim.AdamW fused"]  # one per workload
+    assert [r["ratio_to_fused"] for r in fused] == ["1.00", "1.00"]
+    assert fused[1]["workload"].startswith("bfloat16, ")  # the same list as bf16 parameters
+    adamw = {r["workload"] for r in rows if r["implementation"] == "optgen adamw (mlir)"}
+    assert adamw == {f["workload"] for f in fused}
     assert "| optgen adamw4bit (mlir) |" in (tmp_path / "step_cpu.md").read_text()
 
 
