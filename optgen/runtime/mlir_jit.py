@@ -84,6 +84,7 @@ _FUNCTIONS: dict[int, ctypes._CFuncPtr] = {}  # address -> callable (made once: 
 _LAYOUTS: dict[tuple[type, ...], struct.Struct] = {}
 # the team entry's packed wrapper follows two pointers to the data: claim counter, pieces, count, args
 _HEADER = "<5q"
+_HEADER_BYTES = struct.calcsize(_HEADER)
 _COUNTER_AT = 16  # byte offset of the claim counter (the data's first word)
 _CODES = {tuple: "Qq", int: "q", float: "f4x", F64: "d"}
 _MEMREF = struct.Struct("<Qq")
@@ -136,7 +137,7 @@ def _pack(count: int, args: list, split: int) -> tuple[ctypes.Array, list[int]]:
         else:
             values.append(arg)
     layout.pack_into(buffer, 0, base + 8, base + 16, 0, split, count, *values)
-    offsets = list(itertools.accumulate((struct.calcsize("<" + _CODES[kind]) for kind in kinds), initial=40))
+    offsets = list(itertools.accumulate((struct.calcsize("<" + _CODES[kind]) for kind in kinds), initial=_HEADER_BYTES))
     return buffer, offsets[:-1]
 
 
