@@ -287,7 +287,7 @@ def fold_scalings(plan: Plan) -> Plan:
         lets: list[Let] = []
         for let in stage.lets:
             args = let.expr.args if isinstance(let.expr, sympy.Mul) else ()
-            full = [a for a in args if kinds.get(a) is Kind.FULL or str(a) == "grad"]
+            full = [a for a in args if kinds.get(a) is Kind.FULL]
             rows = [a for a in args if kinds.get(a) is Kind.ROWS]
             cols = [a for a in args if kinds.get(a) is Kind.COLS]
             scaling = len(full) == 1 and len(full) + len(rows) + len(cols) == len(args) and full[0] not in stored

@@ -121,7 +121,7 @@ def launch(team: int, count: int, args: list, split: int = 1) -> None:
     the other cores, so a second pool would only share those cores with them.  A plan's launches
     (``Launch``) pack their buffer once and rewrite only what changes per step."""
     buffer, _ = _pack(count, args, split)
-    _start(team, buffer, split)
+    _start(team, ctypes.addressof(buffer), split)
 
 
 def _pack(count: int, args: list, split: int) -> tuple[ctypes.Array, list[int]]:
@@ -141,10 +141,9 @@ def _pack(count: int, args: list, split: int) -> tuple[ctypes.Array, list[int]]:
     return buffer, offsets[:-1]
 
 
-def _start(team: int, buffer: ctypes.Array, split: int) -> None:
-    """Runs a packed launch (claim counter at 0) on torch's OpenMP team, of at most
-    ``torch.get_num_threads()`` threads."""
-    base = ctypes.addressof(buffer)
+def _start(team: int, base: int, split: int) -> None:
+    """Runs the packed launch at address ``base`` (claim counter at 0) on torch's OpenMP team, of at
+    most ``torch.get_num_threads()`` threads."""
     threads = min(split, num_threads())
     gomp = _gomp() if threads > 1 else None
     if gomp is not None:
@@ -522,6 +521,7 @@ class Launch:
     def __post_init__(self) -> None:
         fixed = [(0, 0) if isinstance(arg, Slot) else arg for arg in self.args]
         self._buffer, offsets = _pack(self.count, fixed + [0.0] * len(self.scalars), self.split)
+        self._base = ctypes.addressof(self._buffer)
         self._slots = [(at, arg) for at, arg in zip(offsets, self.args) if isinstance(arg, Slot)]
         self._scalars_at = offsets[len(self.args)] if self.scalars else 0
         self._scalars = struct.Struct("<" + _CODES[float] * len(self.scalars))
@@ -536,7 +536,7 @@ class Launch:
             _MEMREF.pack_into(buffer, at, *slots[slot])
         self._scalars.pack_into(buffer, self._scalars_at, *values)
         _COUNTER.pack_into(buffer, _COUNTER_AT, 0)
-        _start(self.team, buffer, self.split)
+        _start(self.team, self._base, self.split)
 
 
 @dataclass
